@@ -1,0 +1,21 @@
+//! `arbor-common`: the libtorch-free core of arbor.
+//!
+//! The modules follow the data flow of one epoch (DESIGN §2):
+//! [`buckets`] (the resolution table) → [`assign`] (image → bucket, pruning) → [`permutation`]
+//! (the keyed epoch order) → [`plan`] (trim and strided shards, elastic re-shards) →
+//! [`sampler`] (per-rank bucket lists, catch-all and batch draws) → [`crop`] (how each image
+//! fits its bucket). [`manifest`] reads the dataset's JSON Lines manifest and [`stream`] holds
+//! the counter-based random streams everything above draws from.
+
+pub mod assign;
+pub mod buckets;
+pub mod crop;
+pub mod error;
+pub mod manifest;
+pub mod permutation;
+pub mod plan;
+pub mod sampler;
+pub mod stream;
+pub mod summary;
+
+pub use error::CommonError;

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need (scripts/setup.sh), then runs the
+# lints and every test of the workspace. Works on a fresh Debian machine with Rust and Python.
+set -euo pipefail
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+
+scripts/setup.sh
+# shellcheck disable=SC1091
+[ -f scripts/env.sh ] && source scripts/env.sh
+
+echo "[test] cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "[test] cargo clippy" >&2
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "[test] cargo test" >&2
+cargo test --workspace --quiet
