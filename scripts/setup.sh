@@ -11,6 +11,11 @@ python="${ARBOR_PYTHON:-python3}"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
+# One setup at a time: concurrent pip installs into one venv corrupt it.
+mkdir -p "$repo_root/.cache"
+exec 9>"$repo_root/.cache/setup.lock"
+flock 9
+
 # --- Debian packages --------------------------------------------------------------------------
 mapfile -t apt_packages < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$repo_root/scripts/apt-packages.txt")
 missing=()

@@ -1,5 +1,5 @@
 //! Criterion benchmark of planning an epoch and running every rank's sampler.
-//! The side-by-side comparison with the Python port is `bench/plan_bench.sh`.
+//! The side-by-side comparison with the Python port is `bench/plan/plan_bench.sh`.
 
 use arbor_common::assign::{AssignParams, Assigner, BucketedItems};
 use arbor_common::buckets::{BucketParams, BucketTable};

@@ -67,8 +67,7 @@ pub struct RankSampler {
 }
 
 impl RankSampler {
-    /// Builds the lists from a shard (an iterator that is walked twice, so the shard itself is
-    /// never stored besides the grouped copy).
+    /// Builds the lists from a shard (an iterator that is walked twice).
     pub(crate) fn new(
         shard: impl Iterator<Item = u32> + Clone,
         items: &BucketedItems,
@@ -78,9 +77,13 @@ impl RankSampler {
     ) -> Result<Self, CommonError> {
         let params = plan.params();
         let bsz = params.bsz as usize;
+        // Pass 1 reads each shard entry's bucket once (a random access into the item table) and
+        // keeps it, 2 bytes per entry; pass 2 recomputes the shard order (cheap arithmetic) and
+        // places positions, so the shard itself is never stored besides the grouped copy.
+        let shard_buckets = read_buckets_in_chunks(shard.clone(), items);
         let mut starts = vec![0usize; table.len() + 1];
-        for position in shard.clone() {
-            starts[usize::from(items.bucket(position)) + 1] += 1;
+        for &bucket in &shard_buckets {
+            starts[usize::from(bucket) + 1] += 1;
         }
         for bucket in 0..table.len() {
             starts[bucket + 1] += starts[bucket];
@@ -88,11 +91,12 @@ impl RankSampler {
         let shard_len = starts[table.len()];
         let mut grouped = vec![0u32; shard_len];
         let mut cursors = starts.clone();
-        for position in shard {
-            let cursor = &mut cursors[usize::from(items.bucket(position))];
+        for (position, &bucket) in shard.zip(&shard_buckets) {
+            let cursor = &mut cursors[usize::from(bucket)];
             grouped[*cursor] = position;
             *cursor += 1;
         }
+        drop(shard_buckets);
 
         let mut stream = RandomStream::new(
             StreamDomain::Sampler,
@@ -202,6 +206,25 @@ impl RankSampler {
             }
         }
     }
+}
+
+/// The bucket of every shard entry, in shard order. Positions are computed a chunk at a time and
+/// then looked up in a tight loop, so the random reads into the item table overlap instead of
+/// waiting one after another behind the permutation arithmetic.
+fn read_buckets_in_chunks(shard: impl Iterator<Item = u32>, items: &BucketedItems) -> Vec<u16> {
+    const CHUNK: usize = 256;
+    let mut buckets = Vec::with_capacity(shard.size_hint().0);
+    let mut chunk = [0u32; CHUNK];
+    let mut shard = shard.peekable();
+    while shard.peek().is_some() {
+        let mut filled = 0;
+        for (slot, position) in chunk.iter_mut().zip(&mut shard) {
+            *slot = position;
+            filled += 1;
+        }
+        buckets.extend(chunk[..filled].iter().map(|&position| items.bucket(position)));
+    }
+    buckets
 }
 
 #[cfg(test)]
