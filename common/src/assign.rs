@@ -180,6 +180,33 @@ impl BucketedItems {
         Ok(items)
     }
 
+    /// Items whose buckets are already known (a shard streamed by the coordinator), in order.
+    pub fn from_assigned(
+        bucket_count: usize,
+        assigned: impl IntoIterator<Item = (u64, u16)>,
+    ) -> Result<Self, CommonError> {
+        let assigned = assigned.into_iter();
+        let mut items = Self::with_capacity(bucket_count, assigned.size_hint().0);
+        for (id, bucket) in assigned {
+            if usize::from(bucket) >= bucket_count {
+                return Err(invalid(
+                    "bucket",
+                    format!("item {id} has bucket {bucket} but the table has {bucket_count}"),
+                ));
+            }
+            if items.ids.len() as u64 >= u64::from(u32::MAX) {
+                return Err(CommonError::TooManyItems {
+                    count: items.ids.len() as u64 + 1,
+                    max: u64::from(u32::MAX),
+                });
+            }
+            items.ids.push(id);
+            items.buckets.push(bucket);
+            items.bucket_counts[usize::from(bucket)] += 1;
+        }
+        Ok(items)
+    }
+
     /// Records one assigned item (kept or pruned).
     pub fn push(&mut self, id: u64, assignment: &Assignment) -> Result<(), CommonError> {
         if !assignment.kept {

@@ -9,6 +9,7 @@
 
 pub mod assign;
 pub mod buckets;
+pub mod config;
 pub mod crop;
 pub mod error;
 pub mod manifest;

@@ -66,8 +66,17 @@ pub struct RankSampler {
     base: Bucket,
 }
 
+/// What keys a rank's sampler stream: the plan's seed, epoch and segment, and the rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SamplerKey {
+    pub seed: u64,
+    pub epoch: u64,
+    pub segment: u64,
+    pub rank: u32,
+}
+
 impl RankSampler {
-    /// Builds the lists from a shard (an iterator that is walked twice).
+    /// The sampler of `rank` over `plan`.
     pub(crate) fn new(
         shard: impl Iterator<Item = u32> + Clone,
         items: &BucketedItems,
@@ -76,7 +85,30 @@ impl RankSampler {
         rank: u32,
     ) -> Result<Self, CommonError> {
         let params = plan.params();
-        let bsz = params.bsz as usize;
+        let key = SamplerKey {
+            seed: params.seed,
+            epoch: params.epoch,
+            segment: plan.segment(),
+            rank,
+        };
+        Self::from_shard(shard, items, table, key, params.bsz)
+    }
+
+    /// Builds the lists from a shard given as positions into `items`, in shard order (the
+    /// iterator is walked twice). A worker that received its shard from the coordinator calls
+    /// this with positions `0..shard_len` into the streamed items and gets exactly the batches
+    /// the coordinator's plan would give that rank.
+    pub fn from_shard(
+        shard: impl Iterator<Item = u32> + Clone,
+        items: &BucketedItems,
+        table: &BucketTable,
+        key: SamplerKey,
+        bsz: u32,
+    ) -> Result<Self, CommonError> {
+        if bsz == 0 {
+            return Err(crate::error::invalid("bsz", "must be at least 1"));
+        }
+        let bsz = bsz as usize;
         // Pass 1 reads each shard entry's bucket once (a random access into the item table) and
         // keeps it, 2 bytes per entry; pass 2 recomputes the shard order (cheap arithmetic) and
         // places positions, so the shard itself is never stored besides the grouped copy.
@@ -100,7 +132,7 @@ impl RankSampler {
 
         let mut stream = RandomStream::new(
             StreamDomain::Sampler,
-            &[params.seed, params.epoch, plan.segment(), u64::from(rank)],
+            &[key.seed, key.epoch, key.segment, u64::from(key.rank)],
         );
         let mut regions = Vec::new();
         let mut catchall = Vec::new();
@@ -122,7 +154,12 @@ impl RankSampler {
             }
         }
         stream.shuffle(&mut catchall);
-        debug_assert_eq!(catchall.len() % bsz, 0, "shard length is a multiple of bsz");
+        if shard_len % bsz != 0 {
+            return Err(crate::error::invalid(
+                "shard",
+                format!("shard length {shard_len} is not a multiple of bsz {bsz}"),
+            ));
+        }
         Ok(Self {
             grouped,
             regions,
@@ -270,6 +307,32 @@ mod tests {
         shard.sort_unstable();
         seen.sort_unstable();
         assert_eq!(seen, shard);
+    }
+
+    #[test]
+    fn a_streamed_shard_gives_the_plans_batches() {
+        let (items, table) = fixture(700);
+        let params = PlanParams { seed: 11, epoch: 2, world_size: 3, bsz: 4 };
+        let plan = EpochPlan::new(items.len(), params).unwrap();
+        let rank = 2;
+        // What a worker receives: (id, bucket) in shard order.
+        let streamed: Vec<(u64, u16)> = plan
+            .shard(rank)
+            .unwrap()
+            .map(|position| (items.id(position), items.bucket(position)))
+            .collect();
+        let local = BucketedItems::from_assigned(table.len(), streamed).unwrap();
+        let key = SamplerKey { seed: 11, epoch: 2, segment: 0, rank };
+        let mut worker =
+            RankSampler::from_shard(0..local.len() as u32, &local, &table, key, 4).unwrap();
+        let mut coordinator = plan.sampler(&items, &table, rank).unwrap();
+        while let Some(expected) = coordinator.next_batch() {
+            let expected_ids: Vec<u64> = expected.positions.iter().map(|&p| items.id(p)).collect();
+            let got = worker.next_batch().unwrap();
+            let got_ids: Vec<u64> = got.positions.iter().map(|&p| local.id(p)).collect();
+            assert_eq!((got.bucket, got_ids), (expected.bucket, expected_ids));
+        }
+        assert!(worker.next_batch().is_none());
     }
 
     #[test]

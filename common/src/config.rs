@@ -1,0 +1,569 @@
+//! The job configuration, `job.toml` (DESIGN §7), validated once at the edge.
+//!
+//! Every key can be overridden by an environment variable `ARBOR_<SECTION>_<KEY>` (for example
+//! `ARBOR_CLUSTER_MIN_WORKERS=2`) and by a flag (`--set cluster.min_workers=2`); see
+//! [`JobConfig::load`]. Flags win over the environment, which wins over the file. Unknown
+//! sections and keys are refused with their name. The token is never a config value: it comes
+//! from `ARBOR_TOKEN` or the file named by `job.token_file`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::assign::{AspectMetric, AssignParams};
+use crate::buckets::BucketParams;
+use crate::error::{invalid, CommonError};
+
+/// The sections of `job.toml`, in the order they are documented.
+pub const SECTIONS: [&str; 9] = [
+    "job",
+    "data",
+    "buckets",
+    "schedule",
+    "cluster",
+    "model",
+    "train",
+    "hypernetwork",
+    "samples",
+];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    pub job: JobSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub buckets: BucketsSection,
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub model: ModelSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub hypernetwork: HypernetworkSection,
+    #[serde(default)]
+    pub samples: SamplesSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    #[serde(default = "default_job_name")]
+    pub name: String,
+    /// Where state, ledger, metrics, samples, checkpoints and exports go.
+    pub run_dir: String,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// A file holding the shared job token (used when `ARBOR_TOKEN` is unset).
+    #[serde(default)]
+    pub token_file: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// The JSON Lines manifest (DESIGN §7).
+    pub manifest: String,
+    /// The dataset root that manifest keys are relative to; defaults to the manifest's folder.
+    #[serde(default)]
+    pub root: Option<String>,
+    #[serde(default = "default_true")]
+    pub tag_shuffle: bool,
+    #[serde(default = "default_keep_tokens")]
+    pub keep_tokens: u32,
+    #[serde(default)]
+    pub tag_dropout: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BucketsSection {
+    pub max_area: u64,
+    pub min_dim: u32,
+    pub max_dim: u32,
+    pub step: u32,
+    pub base_res: [u32; 2],
+    pub max_ar_error: f64,
+    pub aspect_metric: AspectMetric,
+}
+
+impl Default for BucketsSection {
+    fn default() -> Self {
+        let buckets = BucketParams::default();
+        let assign = AssignParams::default();
+        Self {
+            max_area: buckets.max_area,
+            min_dim: buckets.min_dim,
+            max_dim: buckets.max_dim,
+            step: buckets.step,
+            base_res: buckets.base_res,
+            max_ar_error: assign.max_ar_error,
+            aspect_metric: assign.aspect_metric,
+        }
+    }
+}
+
+impl BucketsSection {
+    pub fn bucket_params(&self) -> BucketParams {
+        BucketParams {
+            max_area: self.max_area,
+            min_dim: self.min_dim,
+            max_dim: self.max_dim,
+            step: self.step,
+            base_res: self.base_res,
+        }
+    }
+
+    pub fn assign_params(&self) -> AssignParams {
+        AssignParams {
+            aspect_metric: self.aspect_metric,
+            max_ar_error: self.max_ar_error,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleSection {
+    /// Per-rank batch size.
+    pub bsz: u32,
+    pub grad_accum: u32,
+    pub epochs: u64,
+    /// Stop after this many optimizer steps, whatever `epochs` says.
+    pub max_steps: Option<u64>,
+    /// Checkpoint every this many batches (per rank) within an epoch, and at every epoch end.
+    pub checkpoint_every: u64,
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        Self {
+            bsz: 4,
+            grad_accum: 1,
+            epochs: 2,
+            max_steps: None,
+            checkpoint_every: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    pub listen: String,
+    pub metrics_listen: String,
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub join_timeout_s: u64,
+    pub heartbeat_interval_s: f64,
+    pub heartbeat_timeout_s: f64,
+    /// PEM certificate and key for TLS; both or neither.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    /// Largest accepted request, in bytes.
+    pub max_request_bytes: usize,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:50051".into(),
+            metrics_listen: "0.0.0.0:9090".into(),
+            min_workers: 1,
+            max_workers: 8,
+            join_timeout_s: 600,
+            heartbeat_interval_s: 2.0,
+            heartbeat_timeout_s: 15.0,
+            tls_cert: None,
+            tls_key: None,
+            max_request_bytes: 4 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A diffusers folder or a single-file (LDM) safetensors.
+    pub path: String,
+    /// `hypernetwork` or `finetune`.
+    pub mode: String,
+    pub clip_skip: u32,
+    pub max_chunks: u32,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            mode: "hypernetwork".into(),
+            clip_skip: 2,
+            max_chunks: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// A number or A1111's `rate:step, …` schedule.
+    #[serde(deserialize_with = "number_or_string")]
+    pub lr: String,
+    pub optimizer: String,
+    pub mixed_precision: String,
+    pub max_grad_norm: f64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            lr: "5e-5".into(),
+            optimizer: "adamw".into(),
+            mixed_precision: "bf16".into(),
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HypernetworkSection {
+    pub sizes: Vec<u32>,
+    pub layer_structure: Vec<f64>,
+    pub activation: String,
+    pub shallow_penalty: Vec<f64>,
+}
+
+impl Default for HypernetworkSection {
+    fn default() -> Self {
+        Self {
+            sizes: vec![768, 320, 640, 1280],
+            layer_structure: vec![1.0, 2.0, 1.0],
+            activation: "linear".into(),
+            shallow_penalty: vec![0.25, 0.5, 1.0],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplesSection {
+    pub every: u64,
+    pub prompts: Vec<String>,
+    pub negative: String,
+    pub steps: u32,
+    pub guidance: f64,
+    pub sampler: String,
+}
+
+impl Default for SamplesSection {
+    fn default() -> Self {
+        Self {
+            every: 200,
+            prompts: vec!["1girl, red dress".into()],
+            negative: String::new(),
+            steps: 20,
+            guidance: 7.0,
+            sampler: "ddim".into(),
+        }
+    }
+}
+
+/// Accepts `lr = 5e-5` as well as `lr = "5e-5"` or `lr = "1e-4:100, 5e-5"`.
+fn number_or_string<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumberOrString {
+        Integer(i64),
+        Float(f64),
+        Text(String),
+    }
+    Ok(match NumberOrString::deserialize(deserializer)? {
+        NumberOrString::Integer(value) => value.to_string(),
+        NumberOrString::Float(value) => value.to_string(),
+        NumberOrString::Text(value) => value,
+    })
+}
+
+fn default_job_name() -> String {
+    "arbor".into()
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_true() -> bool {
+    true
+}
+fn default_keep_tokens() -> u32 {
+    1
+}
+
+/// One `section.key=value` override, from a flag or an environment variable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    pub section: String,
+    pub key: String,
+    pub value: String,
+    /// Where it came from, for error messages (`--set` or the variable's name).
+    pub origin: String,
+}
+
+impl Override {
+    /// Parses a `--set section.key=value` flag.
+    pub fn from_flag(text: &str) -> Result<Self, CommonError> {
+        let (path, value) = text
+            .split_once('=')
+            .ok_or_else(|| invalid("--set", format!("expected section.key=value, got `{text}`")))?;
+        let (section, key) = path
+            .split_once('.')
+            .ok_or_else(|| invalid("--set", format!("expected section.key=value, got `{text}`")))?;
+        Ok(Self {
+            section: section.trim().to_string(),
+            key: key.trim().to_string(),
+            value: value.to_string(),
+            origin: format!("--set {text}"),
+        })
+    }
+
+    /// The overrides among `ARBOR_<SECTION>_<KEY>` variables: those whose section is one of
+    /// [`SECTIONS`]. Other `ARBOR_*` variables (`ARBOR_TOKEN`, `ARBOR_LOG`, …) are not config.
+    pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Vec<Self> {
+        let mut overrides: Vec<Self> = vars
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let rest = name.strip_prefix("ARBOR_")?;
+                let (section, key) = rest.split_once('_')?;
+                let section = section.to_ascii_lowercase();
+                SECTIONS.contains(&section.as_str()).then(|| Self {
+                    section,
+                    key: key.to_ascii_lowercase(),
+                    value,
+                    origin: name.clone(),
+                })
+            })
+            .collect();
+        overrides.sort_by(|a, b| a.origin.cmp(&b.origin));
+        overrides
+    }
+}
+
+impl JobConfig {
+    /// Parses `job.toml` text, applies overrides in order (environment first, then flags), and
+    /// validates the result. Errors name the field.
+    pub fn load(toml_text: &str, overrides: &[Override]) -> Result<Self, CommonError> {
+        let mut document: toml::Table = toml_text
+            .parse()
+            .map_err(|error: toml::de::Error| invalid("job.toml", error.to_string()))?;
+        for item in overrides {
+            if !SECTIONS.contains(&item.section.as_str()) {
+                return Err(invalid(
+                    "override",
+                    format!("{}: unknown section `{}`", item.origin, item.section),
+                ));
+            }
+            let section = document
+                .entry(item.section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(section) = section else {
+                return Err(invalid(
+                    "override",
+                    format!("{}: `{}` is not a table", item.origin, item.section),
+                ));
+            };
+            section.insert(item.key.clone(), parse_scalar(&item.value));
+        }
+        let config: JobConfig = toml::Value::Table(document)
+            .try_into()
+            .map_err(|error: toml::de::Error| invalid("job.toml", error.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every constraint once, naming the field.
+    pub fn validate(&self) -> Result<(), CommonError> {
+        crate::buckets::BucketTable::new(self.buckets.bucket_params())?;
+        self.buckets.assign_params().validate()?;
+        let schedule = &self.schedule;
+        if schedule.bsz == 0 {
+            return Err(invalid("schedule.bsz", "must be at least 1"));
+        }
+        if schedule.grad_accum == 0 {
+            return Err(invalid("schedule.grad_accum", "must be at least 1"));
+        }
+        if schedule.checkpoint_every == 0 {
+            return Err(invalid("schedule.checkpoint_every", "must be at least 1"));
+        }
+        if schedule.epochs == 0 && schedule.max_steps.is_none() {
+            return Err(invalid("schedule.epochs", "must be at least 1 (or set max_steps)"));
+        }
+        let cluster = &self.cluster;
+        if cluster.min_workers == 0 {
+            return Err(invalid("cluster.min_workers", "must be at least 1"));
+        }
+        if cluster.max_workers < cluster.min_workers {
+            return Err(invalid(
+                "cluster.max_workers",
+                format!(
+                    "max_workers {} is below min_workers {}",
+                    cluster.max_workers, cluster.min_workers
+                ),
+            ));
+        }
+        if !(cluster.heartbeat_interval_s > 0.0) {
+            return Err(invalid("cluster.heartbeat_interval_s", "must be positive"));
+        }
+        if !(cluster.heartbeat_timeout_s > cluster.heartbeat_interval_s) {
+            return Err(invalid(
+                "cluster.heartbeat_timeout_s",
+                "must be longer than heartbeat_interval_s",
+            ));
+        }
+        if cluster.tls_cert.is_some() != cluster.tls_key.is_some() {
+            return Err(invalid("cluster.tls_cert", "tls_cert and tls_key go together"));
+        }
+        if !(0.0..1.0).contains(&self.data.tag_dropout) {
+            return Err(invalid("data.tag_dropout", "must be in [0, 1)"));
+        }
+        if !["hypernetwork", "finetune"].contains(&self.model.mode.as_str()) {
+            return Err(invalid(
+                "model.mode",
+                format!("expected `hypernetwork` or `finetune`, got `{}`", self.model.mode),
+            ));
+        }
+        if !(1..=2).contains(&self.model.clip_skip) {
+            return Err(invalid("model.clip_skip", "must be 1 or 2"));
+        }
+        if self.model.max_chunks == 0 {
+            return Err(invalid("model.max_chunks", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The resolved config as TOML, as written to `run_dir/job.toml`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a validated config serialises")
+    }
+
+    /// A stable digest of the resolved config (SplitMix64 over its TOML), to detect a config
+    /// that changed under a running job.
+    pub fn digest(&self) -> String {
+        digest_bytes(self.to_toml().as_bytes())
+    }
+}
+
+/// A stable 64-bit hex digest of bytes (FNV-1a folded through SplitMix64). Not cryptographic:
+/// it detects accidental change.
+pub fn digest_bytes(bytes: &[u8]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    format!("{:016x}", crate::stream::splitmix64(hash))
+}
+
+/// Parses an override's value as a TOML value when it is one (`2`, `1.5`, `true`,
+/// `[512, 512]`, `"text"`), else takes it as a plain string.
+fn parse_scalar(text: &str) -> toml::Value {
+    let wrapped = format!("value = {text}");
+    match wrapped.parse::<toml::Table>() {
+        Ok(mut table) => table.remove("value").unwrap_or_else(|| toml::Value::String(text.into())),
+        Err(_) => toml::Value::String(text.to_string()),
+    }
+}
+
+/// The documented example of DESIGN §7, used by tests and `arbor coordinator --example-config`.
+pub const EXAMPLE_CONFIG: &str = include_str!("../../deploy/job.example.toml");
+
+/// Returns a map section → keys of every known config key, for docs and CLI checks.
+pub fn known_keys() -> BTreeMap<&'static str, Vec<String>> {
+    let example = JobConfig::load(EXAMPLE_CONFIG, &[]).expect("the example config is valid");
+    let value = toml::Value::try_from(&example).expect("config serialises");
+    let mut keys = BTreeMap::new();
+    for section in SECTIONS {
+        let names = value
+            .get(section)
+            .and_then(toml::Value::as_table)
+            .map(|table| table.keys().cloned().collect())
+            .unwrap_or_default();
+        keys.insert(section, names);
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_loads() {
+        let config = JobConfig::load(EXAMPLE_CONFIG, &[]).unwrap();
+        assert_eq!(config.job.seed, 42);
+        assert_eq!(config.buckets.base_res, [512, 512]);
+        assert_eq!(config.cluster.min_workers, 1);
+        assert_eq!(config.hypernetwork.sizes, vec![768, 320, 640, 1280]);
+        assert!(known_keys()["cluster"].contains(&"heartbeat_timeout_s".to_string()));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let text = format!("{EXAMPLE_CONFIG}\n[extra]\nx = 1\n");
+        let error = JobConfig::load(&text, &[]).unwrap_err().to_string();
+        assert!(error.contains("unknown field `extra`"), "{error}");
+        let text = EXAMPLE_CONFIG.replace("min_workers = 1", "min_wrokers = 1");
+        let error = JobConfig::load(&text, &[]).unwrap_err().to_string();
+        assert!(error.contains("min_wrokers"), "{error}");
+    }
+
+    #[test]
+    fn environment_then_flags_override_the_file() {
+        let env = Override::from_env([
+            ("ARBOR_CLUSTER_MIN_WORKERS".to_string(), "2".to_string()),
+            ("ARBOR_CLUSTER_MAX_WORKERS".to_string(), "3".to_string()),
+            ("ARBOR_TOKEN".to_string(), "secret".to_string()),
+            ("ARBOR_BUCKETS_BASE_RES".to_string(), "[448, 576]".to_string()),
+            ("ARBOR_JOB_NAME".to_string(), "from env".to_string()),
+        ]);
+        assert_eq!(env.len(), 4, "ARBOR_TOKEN is not config");
+        let mut overrides = env;
+        overrides.push(Override::from_flag("cluster.min_workers=3").unwrap());
+        let config = JobConfig::load(EXAMPLE_CONFIG, &overrides).unwrap();
+        assert_eq!(config.cluster.min_workers, 3);
+        assert_eq!(config.cluster.max_workers, 3);
+        assert_eq!(config.buckets.base_res, [448, 576]);
+        assert_eq!(config.job.name, "from env");
+        let numeric_lr = [Override::from_flag("train.lr=0.0001").unwrap()];
+        assert_eq!(JobConfig::load(EXAMPLE_CONFIG, &numeric_lr).unwrap().train.lr, "0.0001");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let cases = [
+            ("schedule.bsz=0", "schedule.bsz"),
+            ("cluster.max_workers=0", "cluster.max_workers"),
+            ("cluster.heartbeat_timeout_s=1", "cluster.heartbeat_timeout_s"),
+            ("buckets.min_dim=4096", "min_dim"),
+            ("model.mode=lora", "model.mode"),
+            ("data.tag_dropout=1.5", "data.tag_dropout"),
+        ];
+        for (flag, field) in cases {
+            let overrides = [Override::from_flag(flag).unwrap()];
+            let error = JobConfig::load(EXAMPLE_CONFIG, &overrides).unwrap_err().to_string();
+            assert!(error.contains(field), "{flag}: {error}");
+        }
+        let unknown = [Override::from_flag("nosuch.key=1").unwrap()];
+        assert!(JobConfig::load(EXAMPLE_CONFIG, &unknown).unwrap_err().to_string().contains("nosuch"));
+    }
+
+    #[test]
+    fn digest_changes_with_the_config() {
+        let base = JobConfig::load(EXAMPLE_CONFIG, &[]).unwrap();
+        let changed =
+            JobConfig::load(EXAMPLE_CONFIG, &[Override::from_flag("job.seed=7").unwrap()]).unwrap();
+        assert_eq!(base.digest(), JobConfig::load(EXAMPLE_CONFIG, &[]).unwrap().digest());
+        assert_ne!(base.digest(), changed.digest());
+    }
+}
