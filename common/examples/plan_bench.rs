@@ -26,7 +26,8 @@ fn status_kib(field: &str) -> u64 {
 }
 
 fn parse_count(text: &str) -> u64 {
-    text.parse::<f64>().expect("ITEMS must be a number such as 1e7") as u64
+    text.parse::<f64>()
+        .expect("ITEMS must be a number such as 1e7") as u64
 }
 
 fn main() {
@@ -46,7 +47,12 @@ fn main() {
     let items = BucketedItems::assign_all(&assigner, sizes).unwrap();
 
     let started = Instant::now();
-    let params = PlanParams { seed: 42, epoch: 3, world_size, bsz };
+    let params = PlanParams {
+        seed: 42,
+        epoch: 3,
+        world_size,
+        bsz,
+    };
     let plan = EpochPlan::new(items.len(), params).unwrap();
     let mut checksum = 0u64;
     let mut batches = 0u64;

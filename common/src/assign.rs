@@ -56,7 +56,7 @@ impl Default for AssignParams {
 
 impl AssignParams {
     pub fn validate(&self) -> Result<(), CommonError> {
-        if !(self.max_ar_error > 0.0) {
+        if self.max_ar_error.is_nan() || self.max_ar_error <= 0.0 {
             return Err(invalid(
                 "max_ar_error",
                 format!("must be a positive number, got {}", self.max_ar_error),

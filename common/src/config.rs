@@ -397,7 +397,10 @@ impl JobConfig {
             return Err(invalid("schedule.checkpoint_every", "must be at least 1"));
         }
         if schedule.epochs == 0 && schedule.max_steps.is_none() {
-            return Err(invalid("schedule.epochs", "must be at least 1 (or set max_steps)"));
+            return Err(invalid(
+                "schedule.epochs",
+                "must be at least 1 (or set max_steps)",
+            ));
         }
         let cluster = &self.cluster;
         if cluster.min_workers == 0 {
@@ -412,17 +415,22 @@ impl JobConfig {
                 ),
             ));
         }
-        if !(cluster.heartbeat_interval_s > 0.0) {
+        if cluster.heartbeat_interval_s.is_nan() || cluster.heartbeat_interval_s <= 0.0 {
             return Err(invalid("cluster.heartbeat_interval_s", "must be positive"));
         }
-        if !(cluster.heartbeat_timeout_s > cluster.heartbeat_interval_s) {
+        if cluster.heartbeat_timeout_s.is_nan()
+            || cluster.heartbeat_timeout_s <= cluster.heartbeat_interval_s
+        {
             return Err(invalid(
                 "cluster.heartbeat_timeout_s",
                 "must be longer than heartbeat_interval_s",
             ));
         }
         if cluster.tls_cert.is_some() != cluster.tls_key.is_some() {
-            return Err(invalid("cluster.tls_cert", "tls_cert and tls_key go together"));
+            return Err(invalid(
+                "cluster.tls_cert",
+                "tls_cert and tls_key go together",
+            ));
         }
         if !(0.0..1.0).contains(&self.data.tag_dropout) {
             return Err(invalid("data.tag_dropout", "must be in [0, 1)"));
@@ -430,7 +438,10 @@ impl JobConfig {
         if !["hypernetwork", "finetune"].contains(&self.model.mode.as_str()) {
             return Err(invalid(
                 "model.mode",
-                format!("expected `hypernetwork` or `finetune`, got `{}`", self.model.mode),
+                format!(
+                    "expected `hypernetwork` or `finetune`, got `{}`",
+                    self.model.mode
+                ),
             ));
         }
         if !(1..=2).contains(&self.model.clip_skip) {
@@ -470,7 +481,9 @@ pub fn digest_bytes(bytes: &[u8]) -> String {
 fn parse_scalar(text: &str) -> toml::Value {
     let wrapped = format!("value = {text}");
     match wrapped.parse::<toml::Table>() {
-        Ok(mut table) => table.remove("value").unwrap_or_else(|| toml::Value::String(text.into())),
+        Ok(mut table) => table
+            .remove("value")
+            .unwrap_or_else(|| toml::Value::String(text.into())),
         Err(_) => toml::Value::String(text.to_string()),
     }
 }
@@ -524,7 +537,10 @@ mod tests {
             ("ARBOR_CLUSTER_MIN_WORKERS".to_string(), "2".to_string()),
             ("ARBOR_CLUSTER_MAX_WORKERS".to_string(), "3".to_string()),
             ("ARBOR_TOKEN".to_string(), "secret".to_string()),
-            ("ARBOR_BUCKETS_BASE_RES".to_string(), "[448, 576]".to_string()),
+            (
+                "ARBOR_BUCKETS_BASE_RES".to_string(),
+                "[448, 576]".to_string(),
+            ),
             ("ARBOR_JOB_NAME".to_string(), "from env".to_string()),
         ]);
         assert_eq!(env.len(), 4, "ARBOR_TOKEN is not config");
@@ -536,7 +552,13 @@ mod tests {
         assert_eq!(config.buckets.base_res, [448, 576]);
         assert_eq!(config.job.name, "from env");
         let numeric_lr = [Override::from_flag("train.lr=0.0001").unwrap()];
-        assert_eq!(JobConfig::load(EXAMPLE_CONFIG, &numeric_lr).unwrap().train.lr, "0.0001");
+        assert_eq!(
+            JobConfig::load(EXAMPLE_CONFIG, &numeric_lr)
+                .unwrap()
+                .train
+                .lr,
+            "0.0001"
+        );
     }
 
     #[test]
@@ -544,26 +566,40 @@ mod tests {
         let cases = [
             ("schedule.bsz=0", "schedule.bsz"),
             ("cluster.max_workers=0", "cluster.max_workers"),
-            ("cluster.heartbeat_timeout_s=1", "cluster.heartbeat_timeout_s"),
+            (
+                "cluster.heartbeat_timeout_s=1",
+                "cluster.heartbeat_timeout_s",
+            ),
             ("buckets.min_dim=4096", "min_dim"),
             ("model.mode=lora", "model.mode"),
             ("data.tag_dropout=1.5", "data.tag_dropout"),
         ];
         for (flag, field) in cases {
             let overrides = [Override::from_flag(flag).unwrap()];
-            let error = JobConfig::load(EXAMPLE_CONFIG, &overrides).unwrap_err().to_string();
+            let error = JobConfig::load(EXAMPLE_CONFIG, &overrides)
+                .unwrap_err()
+                .to_string();
             assert!(error.contains(field), "{flag}: {error}");
         }
         let unknown = [Override::from_flag("nosuch.key=1").unwrap()];
-        assert!(JobConfig::load(EXAMPLE_CONFIG, &unknown).unwrap_err().to_string().contains("nosuch"));
+        assert!(JobConfig::load(EXAMPLE_CONFIG, &unknown)
+            .unwrap_err()
+            .to_string()
+            .contains("nosuch"));
     }
 
     #[test]
     fn digest_changes_with_the_config() {
         let base = JobConfig::load(EXAMPLE_CONFIG, &[]).unwrap();
-        let changed =
-            JobConfig::load(EXAMPLE_CONFIG, &[Override::from_flag("job.seed=7").unwrap()]).unwrap();
-        assert_eq!(base.digest(), JobConfig::load(EXAMPLE_CONFIG, &[]).unwrap().digest());
+        let changed = JobConfig::load(
+            EXAMPLE_CONFIG,
+            &[Override::from_flag("job.seed=7").unwrap()],
+        )
+        .unwrap();
+        assert_eq!(
+            base.digest(),
+            JobConfig::load(EXAMPLE_CONFIG, &[]).unwrap().digest()
+        );
         assert_ne!(base.digest(), changed.digest());
     }
 }

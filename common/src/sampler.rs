@@ -259,7 +259,11 @@ fn read_buckets_in_chunks(shard: impl Iterator<Item = u32>, items: &BucketedItem
             *slot = position;
             filled += 1;
         }
-        buckets.extend(chunk[..filled].iter().map(|&position| items.bucket(position)));
+        buckets.extend(
+            chunk[..filled]
+                .iter()
+                .map(|&position| items.bucket(position)),
+        );
     }
     buckets
 }
@@ -312,7 +316,12 @@ mod tests {
     #[test]
     fn a_streamed_shard_gives_the_plans_batches() {
         let (items, table) = fixture(700);
-        let params = PlanParams { seed: 11, epoch: 2, world_size: 3, bsz: 4 };
+        let params = PlanParams {
+            seed: 11,
+            epoch: 2,
+            world_size: 3,
+            bsz: 4,
+        };
         let plan = EpochPlan::new(items.len(), params).unwrap();
         let rank = 2;
         // What a worker receives: (id, bucket) in shard order.
@@ -322,7 +331,12 @@ mod tests {
             .map(|position| (items.id(position), items.bucket(position)))
             .collect();
         let local = BucketedItems::from_assigned(table.len(), streamed).unwrap();
-        let key = SamplerKey { seed: 11, epoch: 2, segment: 0, rank };
+        let key = SamplerKey {
+            seed: 11,
+            epoch: 2,
+            segment: 0,
+            rank,
+        };
         let mut worker =
             RankSampler::from_shard(0..local.len() as u32, &local, &table, key, 4).unwrap();
         let mut coordinator = plan.sampler(&items, &table, rank).unwrap();

@@ -1,7 +1,16 @@
 //! `arbor`: arbor's control-plane binary (no libtorch).
 
+mod coordinator_command;
+mod dataset;
+mod dry_run;
+mod job_config;
+mod launch_command;
 mod plan_command;
 mod plan_flags;
+mod server;
+mod status_command;
+mod token_flags;
+mod worker_command;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +31,15 @@ enum Command {
     /// Inspect bucketing and epoch plans before spending GPU hours.
     #[command(subcommand)]
     Plan(plan_command::PlanCommand),
+    /// Serve one job: form the group, stream shards, detect failures, persist the job state.
+    Coordinator(coordinator_command::CoordinatorArgs),
+    /// Run a libtorch-free worker that joins a coordinator (`--dry-run`: no model, every batch
+    /// loaded and cropped, items/s reported).
+    Worker(worker_command::WorkerArgs),
+    /// Show a running job: workers, ranks, generation, epoch, progress, last checkpoint, events.
+    Status(status_command::StatusArgs),
+    /// Start a coordinator and N local workers as processes (logs prefixed; Ctrl-C stops all).
+    Launch(launch_command::LaunchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +47,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(command) => plan_command::run(command),
+        Command::Coordinator(args) => coordinator_command::run(args),
+        Command::Worker(args) => worker_command::run(args),
+        Command::Status(args) => status_command::run(args),
+        Command::Launch(args) => launch_command::run(args),
     };
     match result {
         Ok(code) => code,

@@ -139,10 +139,7 @@ fn epoch_summary_is_consistent_and_batches_partition_the_kept_items() {
         String::from_utf8_lossy(&output.stderr)
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("line=205"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("line=205"), "{stderr}");
     let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(summary["items"], 204);
     assert_eq!(summary["pruned"], 1);

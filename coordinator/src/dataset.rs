@@ -1,0 +1,61 @@
+//! The dataset a job trains on: the manifest's kept records by position, bucketed.
+
+use std::path::Path;
+
+use anyhow::Context;
+use arbor_common::assign::{Assigner, BucketedItems};
+use arbor_common::buckets::BucketTable;
+use arbor_common::config::{digest_bytes, JobConfig};
+use arbor_common::manifest::{read_manifest, ManifestRecord};
+use tracing::{info, warn};
+
+/// Kept records by position (the positions plans use), plus the bucketed view.
+pub struct Dataset {
+    pub items: BucketedItems,
+    pub table: BucketTable,
+    /// Kept records, indexed by position.
+    pub records: Vec<ManifestRecord>,
+    pub digest: String,
+}
+
+impl Dataset {
+    /// Reads and buckets the manifest at `path` with the job's bucket parameters.
+    pub fn load(path: &Path, config: &JobConfig) -> anyhow::Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading manifest {}", path.display()))?;
+        let digest = digest_bytes(&bytes);
+        let manifest = read_manifest(bytes.as_slice())
+            .with_context(|| format!("reading manifest {}", path.display()))?;
+        for skipped in &manifest.skipped_lines {
+            warn!(manifest = %path.display(), line = skipped.line, reason = %skipped.reason, "manifest line skipped");
+        }
+        let assigner = Assigner::new(
+            BucketTable::new(config.buckets.bucket_params())?,
+            config.buckets.assign_params(),
+        )?;
+        let mut items =
+            BucketedItems::with_capacity(assigner.table().len(), manifest.records.len());
+        let mut records = Vec::with_capacity(manifest.records.len());
+        for record in manifest.records {
+            let assignment = assigner.assign(record.id, record.width, record.height)?;
+            items.push(record.id, &assignment)?;
+            if assignment.kept {
+                records.push(record);
+            }
+        }
+        info!(
+            manifest = %path.display(),
+            kept = items.len(),
+            pruned = items.pruned_ids().len(),
+            skipped_lines = manifest.skipped_lines.len(),
+            mean_aspect_error = items.mean_aspect_error(),
+            "manifest loaded"
+        );
+        Ok(Self {
+            items,
+            table: assigner.table().clone(),
+            records,
+            digest,
+        })
+    }
+}

@@ -1,0 +1,107 @@
+//! The coordinator's persisted job state, `run_dir/state.json` (DESIGN §6, §7).
+//!
+//! Written atomically (a temporary file renamed over the old one) whenever it changes, so a
+//! restarted coordinator picks the job up where the last complete checkpoint left it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// One plan of the current epoch: the first (segment 0) or an elastic re-shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRecord {
+    /// 0 for the epoch's first plan, else the generation that re-sharded.
+    pub segment: u64,
+    pub world_size: u32,
+    /// Batches every rank had completed at this plan's last complete checkpoint.
+    pub checkpoint_batch: u64,
+    /// The generations that trained on this plan (same-size regroups keep the plan).
+    pub generations: Vec<u64>,
+}
+
+/// The last checkpoint every rank completed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub epoch: u64,
+    pub segment: u64,
+    pub batch: u64,
+    pub step: u64,
+    pub world_size: u32,
+    pub generation: u64,
+    /// Relative to the run directory, e.g. `checkpoints/step-200`.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobState {
+    pub job: String,
+    pub manifest_digest: String,
+    pub config_digest: String,
+    pub generation: u64,
+    pub epoch: u64,
+    /// The plans of the current epoch, oldest first; the last one is current. Empty before the
+    /// epoch's first group forms.
+    pub segments: Vec<SegmentRecord>,
+    /// Optimizer steps completed at the last complete checkpoint.
+    pub step: u64,
+    pub last_checkpoint: Option<CheckpointRecord>,
+    pub regroups: u64,
+    pub finished: bool,
+    pub failure: Option<String>,
+}
+
+impl JobState {
+    pub fn new(job: &str, manifest_digest: &str, config_digest: &str) -> Self {
+        Self {
+            job: job.to_string(),
+            manifest_digest: manifest_digest.to_string(),
+            config_digest: config_digest.to_string(),
+            generation: 0,
+            epoch: 0,
+            segments: Vec::new(),
+            step: 0,
+            last_checkpoint: None,
+            regroups: 0,
+            finished: false,
+            failure: None,
+        }
+    }
+
+    pub fn path(run_dir: &Path) -> PathBuf {
+        run_dir.join("state.json")
+    }
+
+    /// The persisted state, if the run directory has one.
+    pub fn load(run_dir: &Path) -> anyhow::Result<Option<Self>> {
+        let path = Self::path(run_dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+        };
+        let state =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Some(state))
+    }
+
+    pub fn save(&self, run_dir: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        write_atomically(&Self::path(run_dir), text.as_bytes())
+    }
+}
+
+/// Writes `bytes` to a temporary sibling, syncs it and renames it over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let parent = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temporary)
+        .with_context(|| format!("creating {}", temporary.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
+        .with_context(|| format!("renaming {} to {}", temporary.display(), path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! Prometheus metrics and the health endpoint, served over HTTP on `cluster.metrics_listen`.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Every metric the coordinator exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub workers: Gauge,
+    pub world_size: Gauge,
+    pub generation: Gauge,
+    pub epoch: Gauge,
+    pub step: Gauge,
+    pub batches_done: Gauge,
+    pub items_per_second: Gauge<f64, AtomicU64>,
+    pub regroups: Counter,
+    pub refused_requests: Family<ReasonLabel, Counter>,
+    pub shard_items_streamed: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("arbor");
+        let metrics = Self {
+            registry: Arc::new(Registry::default()),
+            workers: Gauge::default(),
+            world_size: Gauge::default(),
+            generation: Gauge::default(),
+            epoch: Gauge::default(),
+            step: Gauge::default(),
+            batches_done: Gauge::default(),
+            items_per_second: Gauge::default(),
+            regroups: Counter::default(),
+            refused_requests: Family::default(),
+            shard_items_streamed: Counter::default(),
+        };
+        registry.register(
+            "workers",
+            "Workers known to the coordinator",
+            metrics.workers.clone(),
+        );
+        registry.register(
+            "world_size",
+            "Ranks in the current group",
+            metrics.world_size.clone(),
+        );
+        registry.register(
+            "generation",
+            "Current group generation",
+            metrics.generation.clone(),
+        );
+        registry.register("epoch", "Current epoch", metrics.epoch.clone());
+        registry.register(
+            "step",
+            "Optimizer steps at the last complete checkpoint",
+            metrics.step.clone(),
+        );
+        registry.register(
+            "batches_done",
+            "Batches of the current plan done, summed over ranks",
+            metrics.batches_done.clone(),
+        );
+        registry.register(
+            "items_per_second",
+            "Items per second, summed over ranks",
+            metrics.items_per_second.clone(),
+        );
+        registry.register(
+            "regroups",
+            "Regroups since the coordinator started",
+            metrics.regroups.clone(),
+        );
+        registry.register(
+            "refused_requests",
+            "Requests refused, by reason",
+            metrics.refused_requests.clone(),
+        );
+        registry.register(
+            "shard_items_streamed",
+            "Shard items streamed to workers",
+            metrics.shard_items_streamed.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            ..metrics
+        }
+    }
+
+    pub fn refuse(&self, reason: &str) {
+        self.refused_requests
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,10 @@
+//! The coordinator server: membership and epoch progress ([`membership`]), the persisted
+//! state ([`job_state`]) and ledger ([`ledger`]), the gRPC service ([`service`]), the token
+//! check ([`auth`]) and metrics ([`metrics`]).
+
+pub mod auth;
+pub mod job_state;
+pub mod ledger;
+pub mod membership;
+pub mod metrics;
+pub mod service;

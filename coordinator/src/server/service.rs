@@ -1,0 +1,231 @@
+//! The `arbor.v1.Coordinator` gRPC service: thin glue between tonic and [`Membership`].
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arbor_proto::v1::coordinator_server::Coordinator;
+use arbor_proto::v1::{
+    CheckpointDoneReply, CheckpointDoneRequest, HeartbeatReply, HeartbeatRequest, JoinReply,
+    JoinRequest, ShardChunk, ShardHeader, ShardItem, ShardRequest, StatusReply, StatusRequest,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
+
+use super::membership::Membership;
+use super::metrics::Metrics;
+use crate::dataset::Dataset;
+
+/// Items per streamed chunk.
+pub const SHARD_CHUNK_ITEMS: usize = 1024;
+
+/// State shared by the service and the ticker.
+pub struct Shared {
+    pub membership: Mutex<Membership>,
+    /// Bumped whenever the membership changes, to wake Join and Shard waiters.
+    pub changed: watch::Sender<u64>,
+    pub config_toml: String,
+    pub dataset: Arc<Dataset>,
+    pub metrics: Metrics,
+    pub wait_limit: Duration,
+}
+
+impl Shared {
+    pub fn notify(&self) {
+        self.changed.send_modify(|version| *version += 1);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.membership
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[derive(Clone)]
+pub struct CoordinatorService {
+    pub shared: Arc<Shared>,
+}
+
+/// Removes a waiting worker if its Join call is dropped before a reply.
+struct JoinGuard {
+    shared: Arc<Shared>,
+    worker_id: String,
+    armed: bool,
+}
+
+impl Drop for JoinGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.lock().abandon_join(&self.worker_id);
+            self.shared.notify();
+        }
+    }
+}
+
+type ShardStream = Pin<Box<dyn Stream<Item = Result<ShardChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        let request = request.into_inner();
+        let worker_id = request.worker_id.clone();
+        self.shared.lock().register_join(request)?;
+        self.shared.notify();
+        let mut guard = JoinGuard {
+            shared: self.shared.clone(),
+            worker_id: worker_id.clone(),
+            armed: true,
+        };
+        let mut changes = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + self.shared.wait_limit;
+        loop {
+            changes.borrow_and_update();
+            if let Some(reply) = self
+                .shared
+                .lock()
+                .join_reply(&worker_id, &self.shared.config_toml)?
+            {
+                guard.armed = false;
+                debug!(
+                    worker_id,
+                    rank = reply.rank,
+                    generation = reply.generation,
+                    "join answered"
+                );
+                return Ok(Response::new(reply));
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Err(Status::deadline_exceeded(
+                    "no group formed within join_timeout_s",
+                ));
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let request = request.into_inner();
+        let reply = self.shared.lock().heartbeat(&request)?;
+        self.shared.notify();
+        Ok(Response::new(reply))
+    }
+
+    type ShardStream = ShardStream;
+
+    async fn shard(
+        &self,
+        request: Request<ShardRequest>,
+    ) -> Result<Response<Self::ShardStream>, Status> {
+        let request = request.into_inner();
+        let mut changes = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + self.shared.wait_limit;
+        let source = loop {
+            changes.borrow_and_update();
+            let source = self.shared.lock().shard_source(
+                &request.worker_id,
+                request.generation,
+                request.rank,
+                request.epoch,
+            )?;
+            if let Some(source) = source {
+                break source;
+            }
+            // The epoch asked for starts once every rank finished the current one.
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Err(Status::deadline_exceeded(format!(
+                    "epoch {} did not start in time",
+                    request.epoch
+                )));
+            }
+        };
+        let shard_len = source.plan.shard_len();
+        if request.start_index > shard_len {
+            self.shared.metrics.refuse("malformed");
+            return Err(Status::invalid_argument(format!(
+                "start_index {} is past the shard's {shard_len} items",
+                request.start_index
+            )));
+        }
+        let header = ShardHeader {
+            epoch: request.epoch,
+            segment: source.segment,
+            shard_len,
+            bsz: source.plan.params().bsz,
+            start_batch: source.start_batch,
+            seed: source.plan.params().seed,
+        };
+        let (sender, receiver) = mpsc::channel(8);
+        let dataset = self.shared.dataset.clone();
+        let metrics = self.shared.metrics.clone();
+        let rank = request.rank;
+        let start_index = request.start_index;
+        tokio::task::spawn_blocking(move || {
+            let plan = source.plan;
+            let world_size = u64::from(plan.params().world_size);
+            let mut header = Some(header);
+            let mut index = start_index;
+            loop {
+                let end = (index + SHARD_CHUNK_ITEMS as u64).min(shard_len);
+                let items: Vec<ShardItem> = (index..end)
+                    .map(|step| {
+                        let position = plan.position_at(u64::from(rank) + step * world_size);
+                        let record = &dataset.records[position as usize];
+                        ShardItem {
+                            id: record.id,
+                            bucket: u32::from(dataset.items.bucket(position)),
+                            key: record.key.clone(),
+                            caption: record.caption.clone(),
+                            width: record.width,
+                            height: record.height,
+                        }
+                    })
+                    .collect();
+                let count = items.len() as u64;
+                let chunk = ShardChunk {
+                    header: header.take(),
+                    first_index: index,
+                    items,
+                };
+                if sender.blocking_send(Ok(chunk)).is_err() {
+                    warn!(rank, index, "shard stream closed by the worker");
+                    return;
+                }
+                metrics.shard_items_streamed.inc_by(count);
+                index = end;
+                if index >= shard_len {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn checkpoint_done(
+        &self,
+        request: Request<CheckpointDoneRequest>,
+    ) -> Result<Response<CheckpointDoneReply>, Status> {
+        let request = request.into_inner();
+        let complete = self.shared.lock().checkpoint_done(&request)?;
+        self.shared.notify();
+        Ok(Response::new(CheckpointDoneReply { complete }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        Ok(Response::new(self.shared.lock().status()))
+    }
+}

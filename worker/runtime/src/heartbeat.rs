@@ -1,0 +1,120 @@
+//! The heartbeat: a background task that reports progress (and the ledger's completed batches)
+//! every `heartbeat_interval_s` and turns the coordinator's replies into a [`Control`] the
+//! batch loop obeys.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arbor_proto::v1::{Command, CompletedBatch, HeartbeatRequest};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::client::{is_transient, Client};
+
+/// What the coordinator asked this worker to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    Regroup(String),
+    Stop(String),
+}
+
+/// Progress of this rank, shared by the batch loop and the heartbeat task.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub generation: u64,
+    pub rank: u32,
+    pub epoch: u64,
+    pub segment: u64,
+    pub batches_done: u64,
+    pub loss: f64,
+    pub items_per_second: f64,
+    pub data_wait_seconds: f64,
+    /// Completed batches not yet acknowledged by the coordinator.
+    pub completed: Vec<CompletedBatch>,
+    /// A failure to report (a collective error), sent once.
+    pub error: String,
+    pub control: Option<Control>,
+}
+
+pub type SharedProgress = Arc<Mutex<Progress>>;
+
+fn lock(progress: &SharedProgress) -> std::sync::MutexGuard<'_, Progress> {
+    progress
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Sends one heartbeat now. Completed batches are only dropped once the coordinator
+/// acknowledged them.
+pub async fn send_heartbeat(client: &Client, worker_id: &str, progress: &SharedProgress) {
+    let (request, sent) = {
+        let mut state = lock(progress);
+        let sent = std::mem::take(&mut state.completed);
+        let request = HeartbeatRequest {
+            worker_id: worker_id.to_string(),
+            generation: state.generation,
+            rank: state.rank,
+            epoch: state.epoch,
+            segment: state.segment,
+            batches_done: state.batches_done,
+            loss: state.loss,
+            items_per_second: state.items_per_second,
+            completed: sent.clone(),
+            error: std::mem::take(&mut state.error),
+            data_wait_seconds: std::mem::take(&mut state.data_wait_seconds),
+        };
+        (request, sent)
+    };
+    let error_sent = request.error.clone();
+    match client.clone().heartbeat(request).await {
+        Ok(reply) => {
+            let reply = reply.into_inner();
+            let command = Command::try_from(reply.command).unwrap_or(Command::Continue);
+            let mut state = lock(progress);
+            match command {
+                Command::Regroup => {
+                    if state.control.is_none() {
+                        info!(reason = %reply.reason, "coordinator asks to regroup");
+                    }
+                    state.control = Some(Control::Regroup(reply.reason));
+                }
+                Command::Stop => state.control = Some(Control::Stop(reply.reason)),
+                Command::Continue | Command::Checkpoint | Command::Unspecified => {}
+            }
+        }
+        Err(status) => {
+            let mut state = lock(progress);
+            // Put the unacknowledged batches back in front of any newer ones.
+            let newer = std::mem::replace(&mut state.completed, sent);
+            state.completed.extend(newer);
+            if state.error.is_empty() {
+                state.error = error_sent;
+            }
+            if status.code() == tonic::Code::NotFound {
+                // The coordinator restarted or dropped us: join again.
+                state.control = Some(Control::Regroup(status.message().to_string()));
+            } else if is_transient(&status) {
+                debug!(status = %status, "heartbeat failed; retrying");
+            } else {
+                warn!(status = %status, "heartbeat refused");
+            }
+        }
+    }
+}
+
+/// Runs heartbeats until `stop` turns true.
+pub async fn heartbeat_loop(
+    client: Client,
+    worker_id: String,
+    progress: SharedProgress,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        send_heartbeat(&client, &worker_id, &progress).await;
+    }
+}

@@ -1,0 +1,15 @@
+//! `arbor-runtime`: what every worker process runs around its trainer, without libtorch.
+//!
+//! [`client`] talks to the coordinator; [`runtime`] joins the group, receives the shard, runs
+//! the per-rank sampler of `arbor-common`, drives a [`trainer::Trainer`] batch by batch,
+//! heartbeats ([`heartbeat`]), checkpoints, and re-joins on a regroup. The GPU worker
+//! (`arbor-worker`) plugs its model in as a trainer; `--dry-run` plugs in a trainer that only
+//! loads and crops the images.
+
+pub mod client;
+pub mod error;
+pub mod heartbeat;
+pub mod runtime;
+pub mod trainer;
+
+pub use error::RuntimeError;

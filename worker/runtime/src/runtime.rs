@@ -1,0 +1,576 @@
+//! The worker's main loop: join → shard → sample → train → heartbeat → checkpoint, and back
+//! to join on a regroup (DESIGN §1 steps 3–6).
+
+use std::time::{Duration, Instant};
+
+use arbor_common::assign::BucketedItems;
+use arbor_common::buckets::BucketTable;
+use arbor_common::config::JobConfig;
+use arbor_common::sampler::{RankSampler, SamplerKey};
+use arbor_proto::v1::{
+    CheckpointDoneRequest, CompletedBatch, JoinReply, JoinRequest, ShardHeader, ShardRequest,
+};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::client::{connect, is_transient, Client};
+use crate::error::RuntimeError;
+use crate::heartbeat::{heartbeat_loop, send_heartbeat, Control, Progress, SharedProgress};
+use crate::trainer::{Batch, BatchItem, GroupInfo, Trainer};
+
+/// How this process joins a job.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// `host:port` or `http(s)://host:port` of the coordinator.
+    pub coordinator: String,
+    pub token: String,
+    /// The node name; ranks of one node are contiguous.
+    pub node: String,
+    pub local_rank: u32,
+    /// The host or IP peers reach this process at.
+    pub advertise_host: String,
+    /// The port this process hosts the collective store on if it becomes rank 0.
+    pub store_port: u16,
+    /// PEM CA certificate to verify a TLS coordinator.
+    pub tls_ca_pem: Option<Vec<u8>>,
+    /// How long to keep retrying an unreachable coordinator.
+    pub connect_timeout: Duration,
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub groups_joined: u64,
+    pub batches_trained: u64,
+    pub items_trained: u64,
+    pub failed_items: u64,
+    pub seconds: f64,
+}
+
+/// How a group's run ended.
+enum GroupEnd {
+    Regroup,
+    Finished,
+}
+
+/// Runs the worker until the job ends. `trainer` does the per-batch work.
+pub fn run_worker(
+    options: WorkerOptions,
+    trainer: &mut dyn Trainer,
+) -> Result<RunSummary, RuntimeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|error| RuntimeError::Trainer(format!("starting the async runtime: {error}")))?;
+    let _runtime_context = runtime.enter();
+    let client = connect(
+        &options.coordinator,
+        &options.token,
+        options.tls_ca_pem.clone(),
+    )?;
+    let worker_id = format!(
+        "{}-{}-{}-{:x}",
+        options.node,
+        options.local_rank,
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos()
+    );
+    let started = Instant::now();
+    let mut summary = RunSummary::default();
+    loop {
+        let Some(reply) = runtime.block_on(join(&client, &options, &worker_id))? else {
+            info!("the job is finished");
+            break;
+        };
+        summary.groups_joined += 1;
+        let config = JobConfig::load(&reply.job_config_toml, &[])?;
+        match run_group(
+            &runtime,
+            &client,
+            &worker_id,
+            &reply,
+            &config,
+            trainer,
+            &mut summary,
+        )? {
+            GroupEnd::Regroup => continue,
+            GroupEnd::Finished => break,
+        }
+    }
+    trainer.finish().map_err(RuntimeError::Trainer)?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Joins (retrying while the coordinator is unreachable); `None` when the job is over.
+async fn join(
+    client: &Client,
+    options: &WorkerOptions,
+    worker_id: &str,
+) -> Result<Option<JoinReply>, RuntimeError> {
+    let request = JoinRequest {
+        worker_id: worker_id.to_string(),
+        node: options.node.clone(),
+        local_rank: options.local_rank,
+        advertise_host: options.advertise_host.clone(),
+        store_port: u32::from(options.store_port),
+    };
+    let deadline = Instant::now() + options.connect_timeout;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match client.clone().join(request.clone()).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                info!(
+                    worker_id,
+                    rank = reply.rank,
+                    world_size = reply.world_size,
+                    generation = reply.generation,
+                    "joined"
+                );
+                return Ok(Some(reply));
+            }
+            Err(status) if status.code() == tonic::Code::OutOfRange => return Ok(None),
+            Err(status) if is_transient(&status) && Instant::now() < deadline => {
+                warn!(status = %status.message(), retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(status) if is_transient(&status) => {
+                return Err(RuntimeError::Unreachable {
+                    address: options.coordinator.clone(),
+                    seconds: options.connect_timeout.as_secs(),
+                    last_error: status.message().to_string(),
+                })
+            }
+            Err(status) => {
+                return Err(RuntimeError::Rpc {
+                    call: "Join",
+                    status,
+                })
+            }
+        }
+    }
+}
+
+/// A received shard: the header and the items in shard order.
+struct Shard {
+    header: ShardHeader,
+    items: Vec<BatchItem>,
+    buckets: Vec<u16>,
+}
+
+/// Fetches this rank's shard, resuming a cut stream where it stopped.
+async fn fetch_shard(
+    client: &Client,
+    worker_id: &str,
+    generation: u64,
+    rank: u32,
+    epoch: u64,
+) -> Result<Shard, tonic::Status> {
+    let mut header: Option<ShardHeader> = None;
+    let mut items = Vec::new();
+    let mut buckets = Vec::new();
+    let mut retries = 0;
+    loop {
+        let request = ShardRequest {
+            worker_id: worker_id.to_string(),
+            generation,
+            rank,
+            epoch,
+            start_index: items.len() as u64,
+        };
+        let outcome: Result<(), tonic::Status> = async {
+            let mut stream = client.clone().shard(request).await?.into_inner();
+            while let Some(chunk) = stream.message().await? {
+                if let Some(received) = chunk.header {
+                    if header
+                        .as_ref()
+                        .is_some_and(|h| h.shard_len != received.shard_len)
+                    {
+                        return Err(tonic::Status::data_loss(
+                            "the shard changed between two streams",
+                        ));
+                    }
+                    header = Some(received);
+                }
+                if chunk.first_index != items.len() as u64 {
+                    return Err(tonic::Status::data_loss(format!(
+                        "shard chunk starts at {} but {} items were received",
+                        chunk.first_index,
+                        items.len()
+                    )));
+                }
+                for item in chunk.items {
+                    buckets.push(u16::try_from(item.bucket).unwrap_or(u16::MAX));
+                    items.push(BatchItem {
+                        id: item.id,
+                        key: item.key,
+                        caption: item.caption,
+                        width: item.width,
+                        height: item.height,
+                    });
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match outcome {
+            Ok(()) => {
+                let Some(header) = header else {
+                    return Err(tonic::Status::data_loss(
+                        "shard stream ended without a header",
+                    ));
+                };
+                if items.len() as u64 == header.shard_len {
+                    return Ok(Shard {
+                        header,
+                        items,
+                        buckets,
+                    });
+                }
+                warn!(
+                    received = items.len(),
+                    expected = header.shard_len,
+                    "shard stream ended early; resuming"
+                );
+            }
+            Err(status)
+                if (is_transient(&status) || status.code() == tonic::Code::Internal)
+                    && retries < 20 =>
+            {
+                warn!(received = items.len(), status = %status.message(), "shard stream cut; resuming");
+            }
+            Err(status) => return Err(status),
+        }
+        retries += 1;
+        if retries > 20 {
+            return Err(tonic::Status::unavailable("shard stream kept failing"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn lock(progress: &SharedProgress) -> std::sync::MutexGuard<'_, Progress> {
+    progress
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether a refused call means "this group is over, join again".
+fn means_regroup(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::PermissionDenied
+    )
+}
+
+fn run_group(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    worker_id: &str,
+    reply: &JoinReply,
+    config: &JobConfig,
+    trainer: &mut dyn Trainer,
+    summary: &mut RunSummary,
+) -> Result<GroupEnd, RuntimeError> {
+    let resume = reply.resume.clone().unwrap_or_default();
+    let group = GroupInfo {
+        rank: reply.rank,
+        world_size: reply.world_size,
+        generation: reply.generation,
+        store_address: reply.store_address.clone(),
+        store_prefix: reply.store_prefix.clone(),
+        resume_checkpoint: resume.checkpoint.clone(),
+        resume_step: resume.step,
+    };
+    trainer
+        .start(&group, config)
+        .map_err(RuntimeError::Trainer)?;
+    let table = BucketTable::new(config.buckets.bucket_params())?;
+    let progress: SharedProgress = SharedProgress::default();
+    {
+        let mut state = lock(&progress);
+        state.generation = reply.generation;
+        state.rank = reply.rank;
+        state.epoch = resume.epoch;
+        state.segment = resume.segment;
+        state.batches_done = resume.batch;
+    }
+    let (stop_heartbeats, stopped) = watch::channel(false);
+    let interval = Duration::from_secs_f64(config.cluster.heartbeat_interval_s);
+    runtime.spawn(heartbeat_loop(
+        client.clone(),
+        worker_id.to_string(),
+        progress.clone(),
+        interval,
+        stopped,
+    ));
+    let end = train_epochs(
+        runtime, client, worker_id, reply, config, &table, trainer, &progress, summary,
+    );
+    let _ = stop_heartbeats.send(true);
+    end
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_epochs(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    worker_id: &str,
+    reply: &JoinReply,
+    config: &JobConfig,
+    table: &BucketTable,
+    trainer: &mut dyn Trainer,
+    progress: &SharedProgress,
+    summary: &mut RunSummary,
+) -> Result<GroupEnd, RuntimeError> {
+    let resume = reply.resume.clone().unwrap_or_default();
+    let schedule = &config.schedule;
+    let grad_accum = u64::from(schedule.grad_accum);
+    let mut epoch = resume.epoch;
+    let mut micro_steps_done: u64 = 0;
+    let step_at = |micro: u64| resume.step + micro / grad_accum;
+    loop {
+        if let Some(end) = obey(progress) {
+            return Ok(end);
+        }
+        let shard = match runtime.block_on(fetch_shard(
+            client,
+            worker_id,
+            reply.generation,
+            reply.rank,
+            epoch,
+        )) {
+            Ok(shard) => shard,
+            Err(status) if status.code() == tonic::Code::OutOfRange => {
+                return Ok(GroupEnd::Finished)
+            }
+            Err(status)
+                if means_regroup(&status) || status.code() == tonic::Code::DeadlineExceeded =>
+            {
+                info!(status = %status.message(), "shard refused; joining again");
+                return Ok(GroupEnd::Regroup);
+            }
+            Err(status) => {
+                return Err(RuntimeError::Rpc {
+                    call: "Shard",
+                    status,
+                })
+            }
+        };
+        let header = shard.header;
+        let local = BucketedItems::from_assigned(
+            table.len(),
+            shard
+                .items
+                .iter()
+                .map(|i| i.id)
+                .zip(shard.buckets.iter().copied()),
+        )
+        .map_err(|error| RuntimeError::InvalidShard(error.to_string()))?;
+        let key = SamplerKey {
+            seed: header.seed,
+            epoch,
+            segment: header.segment,
+            rank: reply.rank,
+        };
+        let mut sampler =
+            RankSampler::from_shard(0..local.len() as u32, &local, table, key, header.bsz)
+                .map_err(|error| RuntimeError::InvalidShard(error.to_string()))?;
+        let total = sampler.total_batches();
+        sampler.skip(header.start_batch);
+        info!(
+            rank = reply.rank,
+            epoch,
+            segment = header.segment,
+            shard_len = header.shard_len,
+            batches = total,
+            start_batch = header.start_batch,
+            "shard received"
+        );
+        {
+            let mut state = lock(progress);
+            state.epoch = epoch;
+            state.segment = header.segment;
+            state.batches_done = header.start_batch;
+        }
+        if total == 0 {
+            checkpoint(
+                runtime,
+                client,
+                worker_id,
+                reply,
+                &header,
+                trainer,
+                progress,
+                epoch,
+                0,
+                step_at(micro_steps_done),
+            )?;
+        }
+        let mut last_batch_end = Instant::now();
+        while let Some(batch_ref) = sampler.next_batch() {
+            if let Some(end) = obey(progress) {
+                return Ok(end);
+            }
+            let batch = Batch {
+                epoch,
+                index: batch_ref.index,
+                bucket: batch_ref.bucket,
+                resolution: batch_ref.resolution,
+                items: batch_ref
+                    .positions
+                    .iter()
+                    .map(|&p| shard.items[p as usize].clone())
+                    .collect(),
+            };
+            let outcome = match trainer.train_batch(&batch) {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    warn!(rank = reply.rank, batch = batch.index, %error, "training failed; reporting and waiting for a regroup");
+                    lock(progress).error = error;
+                    runtime.block_on(send_heartbeat(client, worker_id, progress));
+                    return Ok(wait_for_command(
+                        runtime, client, worker_id, progress, config,
+                    ));
+                }
+            };
+            micro_steps_done += 1;
+            summary.batches_trained += 1;
+            summary.items_trained += batch.items.len() as u64;
+            summary.failed_items += u64::from(outcome.failed_items);
+            let seconds = last_batch_end.elapsed().as_secs_f64().max(1e-9);
+            last_batch_end = Instant::now();
+            let done = batch.index + 1;
+            {
+                let mut state = lock(progress);
+                state.batches_done = done;
+                state.loss = outcome.loss;
+                let rate = batch.items.len() as f64 / seconds;
+                state.items_per_second = if state.items_per_second == 0.0 {
+                    rate
+                } else {
+                    0.8 * state.items_per_second + 0.2 * rate
+                };
+                state.data_wait_seconds += outcome.data_wait_seconds;
+                state.completed.push(CompletedBatch {
+                    batch: batch.index,
+                    item_ids: batch.items.iter().map(|i| i.id).collect(),
+                });
+            }
+            let step = step_at(micro_steps_done);
+            let steps_exhausted = schedule.max_steps.is_some_and(|max| step >= max);
+            if done % schedule.checkpoint_every == 0 || done == total || steps_exhausted {
+                if let Some(end) = checkpoint(
+                    runtime, client, worker_id, reply, &header, trainer, progress, epoch, done,
+                    step,
+                )? {
+                    return Ok(end);
+                }
+            }
+            if steps_exhausted {
+                info!(step, "max_steps reached");
+                return Ok(wait_for_command(
+                    runtime, client, worker_id, progress, config,
+                ));
+            }
+        }
+        epoch += 1;
+        if epoch >= schedule.epochs {
+            return Ok(wait_for_command(
+                runtime, client, worker_id, progress, config,
+            ));
+        }
+    }
+}
+
+/// The control the heartbeat set, as a group end.
+fn obey(progress: &SharedProgress) -> Option<GroupEnd> {
+    match lock(progress).control.take()? {
+        Control::Regroup(_) => Some(GroupEnd::Regroup),
+        Control::Stop(_) => Some(GroupEnd::Finished),
+    }
+}
+
+/// After the last batch (or a failure), heartbeats until the coordinator says what comes next.
+fn wait_for_command(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    worker_id: &str,
+    progress: &SharedProgress,
+    config: &JobConfig,
+) -> GroupEnd {
+    let interval = Duration::from_secs_f64(config.cluster.heartbeat_interval_s.min(0.5));
+    loop {
+        runtime.block_on(async {
+            send_heartbeat(client, worker_id, progress).await;
+            tokio::time::sleep(interval).await;
+        });
+        if let Some(end) = obey(progress) {
+            return end;
+        }
+    }
+}
+
+/// Writes this rank's checkpoint part, flushes the ledger and reports CheckpointDone.
+#[allow(clippy::too_many_arguments)]
+fn checkpoint(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    worker_id: &str,
+    reply: &JoinReply,
+    header: &ShardHeader,
+    trainer: &mut dyn Trainer,
+    progress: &SharedProgress,
+    epoch: u64,
+    batch: u64,
+    step: u64,
+) -> Result<Option<GroupEnd>, RuntimeError> {
+    trainer
+        .checkpoint(step, epoch, batch)
+        .map_err(RuntimeError::Trainer)?;
+    let request = CheckpointDoneRequest {
+        worker_id: worker_id.to_string(),
+        generation: reply.generation,
+        rank: reply.rank,
+        epoch,
+        segment: header.segment,
+        batch,
+        step,
+    };
+    runtime.block_on(async {
+        // The ledger must hold every batch the checkpoint covers before it completes.
+        for _ in 0..50 {
+            send_heartbeat(client, worker_id, progress).await;
+            if lock(progress).completed.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut attempts = 0;
+        loop {
+            match client.clone().checkpoint_done(request.clone()).await {
+                Ok(_) => return Ok(None),
+                Err(status) if means_regroup(&status) => return Ok(Some(GroupEnd::Regroup)),
+                Err(status) if status.code() == tonic::Code::OutOfRange => {
+                    return Ok(Some(GroupEnd::Finished))
+                }
+                Err(status) if is_transient(&status) && attempts < 50 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(status) => {
+                    return Err(RuntimeError::Rpc {
+                        call: "CheckpointDone",
+                        status,
+                    })
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,64 @@
+//! The interface between the runtime and what trains (or, in a dry run, only loads) a batch.
+
+use arbor_common::buckets::Bucket;
+use arbor_common::config::JobConfig;
+use arbor_common::sampler::BatchBucket;
+
+/// One item of a batch, as the coordinator streamed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchItem {
+    pub id: u64,
+    pub key: String,
+    pub caption: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// One batch of this rank: `bsz` items of one bucket, at `resolution`.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub epoch: u64,
+    /// Index of the batch in this rank's plan.
+    pub index: u64,
+    pub bucket: BatchBucket,
+    pub resolution: Bucket,
+    pub items: Vec<BatchItem>,
+}
+
+/// The group this process belongs to, as the coordinator formed it.
+#[derive(Debug, Clone)]
+pub struct GroupInfo {
+    pub rank: u32,
+    pub world_size: u32,
+    pub generation: u64,
+    pub store_address: String,
+    pub store_prefix: String,
+    /// The run-directory path of the checkpoint to resume from, empty for a fresh start.
+    pub resume_checkpoint: String,
+    pub resume_step: u64,
+}
+
+/// What one batch cost and gave.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchOutcome {
+    pub loss: f64,
+    /// Seconds spent waiting for data.
+    pub data_wait_seconds: f64,
+    /// Items that failed to load and were replaced (reported by the loader).
+    pub failed_items: u32,
+}
+
+/// A trainer: the GPU model, or the dry run's loader.
+pub trait Trainer: Send {
+    /// Called after every (re-)formation of the group, before the first batch.
+    fn start(&mut self, group: &GroupInfo, config: &JobConfig) -> Result<(), String>;
+    /// Called with the batches that will follow (for prefetching); may be ignored.
+    fn upcoming(&mut self, _batches: &[Batch]) {}
+    fn train_batch(&mut self, batch: &Batch) -> Result<BatchOutcome, String>;
+    /// Writes this rank's part of the checkpoint at `step` (under `checkpoints/step-<step>/`).
+    fn checkpoint(&mut self, step: u64, epoch: u64, batch: u64) -> Result<(), String>;
+    /// Called once when the job ends.
+    fn finish(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+}
