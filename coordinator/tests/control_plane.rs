@@ -1,0 +1,424 @@
+//! The control plane with real processes on loopback (issue 6): dry-run jobs, failure
+//! injection (SIGKILL, SIGSTOP, a killed coordinator), refused requests and cut streams.
+
+mod support;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use arbor_proto::v1::{HeartbeatRequest, JoinRequest, ShardRequest, StatusRequest};
+use support::{Job, JobSpec, TOKEN};
+
+fn assert_exactly_once(job: &Job, epoch: u64, global_batch: usize) {
+    let trained = job.trained_items(epoch);
+    let kept = job.kept_ids();
+    let kept_set: HashSet<u64> = kept.iter().copied().collect();
+    for (&id, &count) in &trained {
+        assert!(
+            kept_set.contains(&id),
+            "epoch {epoch}: item {id} is not a kept item"
+        );
+        assert_eq!(count, 1, "epoch {epoch}: item {id} trained {count} times");
+    }
+    let expected = kept.len() - kept.len() % global_batch;
+    assert_eq!(
+        trained.len(),
+        expected,
+        "epoch {epoch}: every kept item but the trim"
+    );
+}
+
+#[test]
+fn three_worker_dry_run_trains_every_kept_item_once_per_epoch() {
+    let mut job = Job::new(&JobSpec::default());
+    job.start_coordinator();
+    for rank in 0..3 {
+        job.start_worker(rank, 0);
+    }
+    assert!(
+        job.wait_coordinator(Duration::from_secs(90)),
+        "{}",
+        job.coordinator_log()
+    );
+    for epoch in 0..2 {
+        assert_exactly_once(&job, epoch, 12);
+    }
+    let state = job.state();
+    assert_eq!(state["finished"], true);
+    assert_eq!(state["epoch"], 2);
+    assert!(job
+        .run_dir()
+        .join(format!(
+            "{}/COMPLETE",
+            state["last_checkpoint"]["path"].as_str().unwrap()
+        ))
+        .exists());
+    for worker in &mut job.workers {
+        assert!(worker.wait().unwrap().success());
+    }
+}
+
+/// Checks that no standing item repeats within the epoch and that what is missing is only what
+/// trims can explain (at most one global batch per plan).
+fn assert_nothing_twice_nothing_lost(
+    job: &Job,
+    epoch: u64,
+    plans: usize,
+    largest_global_batch: usize,
+) {
+    let trained = job.trained_items(epoch);
+    for (&id, &count) in &trained {
+        assert_eq!(count, 1, "epoch {epoch}: item {id} trained {count} times");
+    }
+    let kept = job.kept_ids().len();
+    let missing = kept - trained.len();
+    assert!(
+        missing < plans * largest_global_batch,
+        "epoch {epoch}: {missing} kept items never trained with {plans} plan(s)"
+    );
+}
+
+#[test]
+fn a_worker_killed_mid_epoch_regroups_to_two_and_the_ledger_stays_exact() {
+    let spec = JobSpec {
+        items: 400,
+        min_workers: 2,
+        max_workers: 3,
+        epochs: 1,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    for rank in 0..3 {
+        job.start_worker(rank, 40);
+    }
+    job.wait_until(
+        Duration::from_secs(60),
+        "batches past the first checkpoint",
+        |job| job.ledger_lines(0).len() >= 24,
+    );
+    let killed_at = Instant::now();
+    Job::signal(job.workers[1].id(), "-KILL");
+    job.wait_until(Duration::from_secs(30), "the regroup", |job| {
+        job.state()["generation"].as_u64() >= Some(2)
+    });
+    let regroup_seconds = killed_at.elapsed().as_secs_f64();
+    assert!(
+        job.wait_coordinator(Duration::from_secs(120)),
+        "{}",
+        job.coordinator_log()
+    );
+    eprintln!("regroup after SIGKILL: {regroup_seconds:.2}s");
+    let state = job.state();
+    assert_eq!(state["finished"], true);
+    assert!(
+        regroup_seconds < 2.0 + 3.0,
+        "detected after {regroup_seconds}s"
+    );
+    let log = job.coordinator_log();
+    assert!(log.contains("lost: no heartbeat"), "{log}");
+    // The epoch ended on the regrouped plan of two ranks.
+    assert_eq!(state["segments"][0]["world_size"], 2, "{state}");
+    let after_regroup = job
+        .ledger_lines(0)
+        .iter()
+        .filter(|line| line["generation"] == 2)
+        .count();
+    assert!(
+        after_regroup > 0,
+        "the two survivors trained after the regroup"
+    );
+    assert_nothing_twice_nothing_lost(&job, 0, 2, 12);
+}
+
+#[test]
+fn a_stopped_worker_is_detected_within_the_heartbeat_timeout() {
+    let spec = JobSpec {
+        items: 600,
+        min_workers: 2,
+        max_workers: 3,
+        epochs: 1,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    for rank in 0..3 {
+        job.start_worker(rank, 40);
+    }
+    job.wait_until(Duration::from_secs(60), "training to start", |job| {
+        job.ledger_lines(0).len() >= 6
+    });
+    let stopped_at = Instant::now();
+    Job::signal(job.workers[2].id(), "-STOP");
+    job.wait_until(Duration::from_secs(20), "the lost worker", |job| {
+        job.coordinator_log().contains("lost: no heartbeat")
+    });
+    let detection = stopped_at.elapsed().as_secs_f64();
+    eprintln!("SIGSTOP detected after {detection:.2}s (heartbeat timeout 2s)");
+    assert!(detection >= 1.5, "detected too early: {detection}s");
+    assert!(detection < 2.0 + 2.5, "detected after {detection}s");
+    // The survivors carry on; the stopped worker, resumed, re-joins and the job still finishes.
+    Job::signal(job.workers[2].id(), "-CONT");
+    assert!(
+        job.wait_coordinator(Duration::from_secs(120)),
+        "{}",
+        job.coordinator_log()
+    );
+    assert_nothing_twice_nothing_lost(&job, 0, 4, 12);
+}
+
+#[test]
+fn a_restarted_coordinator_resumes_the_job_with_the_ledger_intact() {
+    let spec = JobSpec {
+        items: 400,
+        epochs: 2,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    for rank in 0..3 {
+        job.start_worker(rank, 30);
+    }
+    job.wait_until(Duration::from_secs(60), "a checkpoint", |job| {
+        !job.state()["last_checkpoint"].is_null()
+    });
+    let coordinator = job.coordinator.as_mut().unwrap();
+    Job::signal(coordinator.id(), "-KILL");
+    coordinator.wait().unwrap();
+    let generation_before = job.state()["generation"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    job.start_coordinator();
+    assert!(
+        job.wait_coordinator(Duration::from_secs(120)),
+        "{}",
+        job.coordinator_log()
+    );
+    let state = job.state();
+    assert_eq!(state["finished"], true);
+    assert!(state["generation"].as_u64().unwrap() > generation_before);
+    for epoch in 0..2 {
+        assert_nothing_twice_nothing_lost(&job, epoch, 1, 12);
+    }
+    for worker in &mut job.workers {
+        assert!(worker.wait().unwrap().success());
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn bad_requests_are_refused_with_a_reason_and_the_server_keeps_serving() {
+    let spec = JobSpec {
+        min_workers: 1,
+        max_workers: 1,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    let address = job.address();
+    let runtime = runtime();
+    runtime.block_on(async {
+        // Wait for the server.
+        let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.status(StatusRequest {}).await.is_err() {
+            assert!(Instant::now() < deadline, "coordinator did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        let mut wrong = arbor_runtime::client::connect(&address, "not-the-token", None).unwrap();
+        let status = wrong.status(StatusRequest {}).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert_eq!(status.message(), "invalid job token");
+
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut anonymous = arbor_proto::v1::coordinator_client::CoordinatorClient::new(channel);
+        let status = anonymous.status(StatusRequest {}).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert!(status.message().contains("missing"), "{}", status.message());
+
+        let status = client
+            .heartbeat(HeartbeatRequest {
+                worker_id: "stranger".into(),
+                generation: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert!(
+            status.message().contains("unknown worker stranger"),
+            "{}",
+            status.message()
+        );
+
+        let status = client
+            .join(JoinRequest {
+                worker_id: String::new(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+        // A real member, then a call with a stale generation.
+        let reply = client
+            .join(JoinRequest {
+                worker_id: "w0".into(),
+                node: "n".into(),
+                local_rank: 0,
+                advertise_host: "127.0.0.1".into(),
+                store_port: 29500,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((reply.rank, reply.world_size, reply.generation), (0, 1, 1));
+        assert_eq!(reply.store_address, "127.0.0.1:29500");
+        assert_eq!(reply.store_prefix, "job/test/gen/1");
+        let status = match client
+            .shard(ShardRequest {
+                worker_id: "w0".into(),
+                generation: 0,
+                rank: 0,
+                epoch: 0,
+                start_index: 0,
+            })
+            .await
+        {
+            Ok(_) => panic!("a stale generation must be refused"),
+            Err(status) => status,
+        };
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            status.message().contains("stale generation 0"),
+            "{}",
+            status.message()
+        );
+    });
+
+    // Garbage bytes on the gRPC port: the connection is dropped, the server keeps serving.
+    let mut socket = std::net::TcpStream::connect(&address).unwrap();
+    socket
+        .write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff\xfe garbage \x16\x03\x01")
+        .unwrap();
+    drop(socket);
+    let mut oversized = std::net::TcpStream::connect(&address).unwrap();
+    let _ = oversized.write_all(&vec![0x42u8; 1 << 20]);
+    drop(oversized);
+    runtime.block_on(async {
+        let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
+        let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+        assert_eq!(status.job, "test");
+        assert_eq!(status.phase, "running");
+    });
+    let metrics = reqwest_metrics(job.metrics_port);
+    assert!(
+        metrics.contains("arbor_refused_requests_total{reason=\"wrong_token\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("arbor_refused_requests_total{reason=\"missing_token\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("arbor_refused_requests_total{reason=\"stale_generation\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// A minimal HTTP GET of /metrics over a plain socket.
+fn reqwest_metrics(port: u16) -> String {
+    use std::io::Read;
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn a_cut_shard_stream_resumes_without_duplicates() {
+    let spec = JobSpec {
+        items: 2600,
+        bsz: 2,
+        min_workers: 1,
+        max_workers: 1,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    let address = job.address();
+    runtime().block_on(async {
+        let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let reply = loop {
+            match client
+                .join(JoinRequest {
+                    worker_id: "w".into(),
+                    node: "n".into(),
+                    local_rank: 0,
+                    advertise_host: "127.0.0.1".into(),
+                    store_port: 1,
+                })
+                .await
+            {
+                Ok(reply) => break reply.into_inner(),
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(status) => panic!("join failed: {status}"),
+            }
+        };
+        let request = |start_index| ShardRequest {
+            worker_id: "w".into(),
+            generation: reply.generation,
+            rank: 0,
+            epoch: 0,
+            start_index,
+        };
+        let mut full = Vec::new();
+        let mut stream = client.shard(request(0)).await.unwrap().into_inner();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            full.extend(chunk.items.into_iter().map(|item| item.id));
+        }
+        // Cut after the first chunk, then resume where it stopped.
+        let mut cut = client.shard(request(0)).await.unwrap().into_inner();
+        let first = cut.message().await.unwrap().unwrap();
+        let header = first.header.unwrap();
+        assert_eq!(header.shard_len as usize, full.len());
+        let mut resumed: Vec<u64> = first.items.iter().map(|item| item.id).collect();
+        drop(cut);
+        let mut rest = client
+            .shard(request(resumed.len() as u64))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut first_index = None;
+        while let Some(chunk) = rest.message().await.unwrap() {
+            first_index.get_or_insert(chunk.first_index);
+            resumed.extend(chunk.items.into_iter().map(|item| item.id));
+        }
+        assert_eq!(first_index, Some(1024));
+        assert_eq!(resumed, full);
+        let unique: HashSet<u64> = full.iter().copied().collect();
+        assert_eq!(unique.len(), full.len());
+        let past_the_end = match client.shard(request(full.len() as u64 + 1)).await {
+            Ok(_) => panic!("a start_index past the end must be refused"),
+            Err(status) => status,
+        };
+        assert_eq!(past_the_end.code(), tonic::Code::InvalidArgument);
+    });
+}

@@ -1,0 +1,294 @@
+//! A job on loopback with real processes: a generated dataset, a job.toml, `arbor coordinator`
+//! and `arbor worker --dry-run` children, and readers for the run directory.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Job {
+    pub dir: tempfile::TempDir,
+    pub grpc_port: u16,
+    pub metrics_port: u16,
+    pub coordinator: Option<Child>,
+    pub workers: Vec<Child>,
+    pub items: usize,
+}
+
+pub struct JobSpec {
+    pub items: usize,
+    pub bsz: u32,
+    pub epochs: u64,
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub checkpoint_every: u64,
+    pub heartbeat_timeout_s: f64,
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        Self {
+            items: 307,
+            bsz: 4,
+            epochs: 2,
+            min_workers: 3,
+            max_workers: 3,
+            checkpoint_every: 5,
+            heartbeat_timeout_s: 2.0,
+        }
+    }
+}
+
+impl Job {
+    pub fn new(spec: &JobSpec) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("images")).unwrap();
+        let mut manifest = String::new();
+        for index in 0..spec.items {
+            // Varied aspect ratios, one 8:1 panorama in 50 (pruned).
+            let (width, height) = if index % 50 == 49 {
+                (4096, 512)
+            } else {
+                (
+                    300 + (index * 37 % 1200) as u32,
+                    300 + (index * 91 % 1200) as u32,
+                )
+            };
+            let key = format!("images/{index:05}.bin");
+            std::fs::write(data.join(&key), [index as u8]).unwrap();
+            manifest.push_str(&format!(
+                "{{\"id\":{},\"key\":\"{key}\",\"width\":{width},\"height\":{height},\"caption\":\"tag{}\"}}\n",
+                1000 + index * 3,
+                index % 7
+            ));
+        }
+        std::fs::write(data.join("manifest.jsonl"), manifest).unwrap();
+        let grpc_port = free_port();
+        let metrics_port = free_port();
+        let config = format!(
+            r#"[job]
+name = "test"
+run_dir = "run"
+seed = 5
+
+[data]
+manifest = "data/manifest.jsonl"
+
+[schedule]
+bsz = {bsz}
+epochs = {epochs}
+checkpoint_every = {checkpoint_every}
+
+[cluster]
+listen = "127.0.0.1:{grpc_port}"
+metrics_listen = "127.0.0.1:{metrics_port}"
+min_workers = {min_workers}
+max_workers = {max_workers}
+join_timeout_s = 60
+heartbeat_interval_s = 0.25
+heartbeat_timeout_s = {heartbeat_timeout_s}
+"#,
+            bsz = spec.bsz,
+            epochs = spec.epochs,
+            checkpoint_every = spec.checkpoint_every,
+            min_workers = spec.min_workers,
+            max_workers = spec.max_workers,
+            heartbeat_timeout_s = spec.heartbeat_timeout_s,
+        );
+        std::fs::write(dir.path().join("job.toml"), config).unwrap();
+        Self {
+            dir,
+            grpc_port,
+            metrics_port,
+            coordinator: None,
+            workers: Vec::new(),
+            items: spec.items,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.path().join("run")
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.grpc_port)
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path().join(format!("{name}.log")))
+            .unwrap()
+    }
+
+    pub fn start_coordinator(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_arbor"))
+            .args(["coordinator", "--config"])
+            .arg(self.path().join("job.toml"))
+            .env("ARBOR_TOKEN", TOKEN)
+            .env("ARBOR_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(self.log("coordinator"))
+            .spawn()
+            .unwrap();
+        self.coordinator = Some(child);
+    }
+
+    pub fn start_worker(&mut self, local_rank: u32, simulate_step_ms: u64) {
+        let child = Command::new(env!("CARGO_BIN_EXE_arbor"))
+            .args(["worker", "--dry-run", "--coordinator", &self.address()])
+            .args(["--local-rank", &local_rank.to_string(), "--node", "n0"])
+            .args(["--simulate-step-ms", &simulate_step_ms.to_string()])
+            .args(["--connect-timeout-s", "60"])
+            .env("ARBOR_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .stderr(self.log(&format!("worker-{local_rank}")))
+            .spawn()
+            .unwrap();
+        self.workers.push(child);
+    }
+
+    pub fn coordinator_log(&self) -> String {
+        std::fs::read_to_string(self.path().join("coordinator.log")).unwrap_or_default()
+    }
+
+    /// Waits for the coordinator to exit; returns its success.
+    pub fn wait_coordinator(&mut self, limit: Duration) -> bool {
+        let child = self.coordinator.as_mut().unwrap();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "coordinator still running after {limit:?}; log:\n{}",
+                    self.coordinator_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn state(&self) -> Value {
+        let text = std::fs::read_to_string(self.run_dir().join("state.json")).unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    pub fn ledger_lines(&self, epoch: u64) -> Vec<Value> {
+        let path = self
+            .run_dir()
+            .join("ledger")
+            .join(format!("epoch-{epoch}.jsonl"));
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// Item ids of every batch that stands (not rolled back) in the epoch's ledger, with the
+    /// number of times each was trained.
+    pub fn trained_items(&self, epoch: u64) -> HashMap<u64, u32> {
+        let mut batches: BTreeMap<(u64, u64, u64), Vec<u64>> = BTreeMap::new();
+        for line in self.ledger_lines(epoch) {
+            let key = (
+                line["generation"].as_u64().unwrap(),
+                line["rank"].as_u64().unwrap(),
+                line["batch"].as_u64().unwrap(),
+            );
+            if line["rolled_back"].as_bool() == Some(true) {
+                assert!(
+                    batches.remove(&key).is_some(),
+                    "rollback of an unknown batch {key:?}"
+                );
+            } else {
+                let items = line["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap())
+                    .collect();
+                assert!(
+                    batches.insert(key, items).is_none(),
+                    "batch {key:?} recorded twice"
+                );
+            }
+        }
+        let mut counts = HashMap::new();
+        for items in batches.values() {
+            for &id in items {
+                *counts.entry(id).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// Kept item ids (not pruned) of the generated dataset.
+    pub fn kept_ids(&self) -> Vec<u64> {
+        (0..self.items)
+            .filter(|i| i % 50 != 49)
+            .map(|i| 1000 + i as u64 * 3)
+            .collect()
+    }
+
+    pub fn wait_until(
+        &self,
+        limit: Duration,
+        what: &str,
+        mut condition: impl FnMut(&Self) -> bool,
+    ) {
+        let deadline = Instant::now() + limit;
+        while !condition(self) {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; coordinator log:\n{}",
+                    self.coordinator_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(pid: u32, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        for child in self.workers.iter_mut().chain(self.coordinator.iter_mut()) {
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
