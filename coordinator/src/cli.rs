@@ -1,0 +1,46 @@
+//! The `arbor` command line: one subcommand per module (`plan_command.rs`, …).
+
+use clap::{Parser, Subcommand};
+
+use crate::{coordinator_command, launch_command, plan_command, status_command, worker_command};
+
+/// arbor trains Stable Diffusion 1.x models across GPU nodes with NovelAI's aspect-ratio
+/// bucketing, CLIP penultimate-layer conditioning, 225-token prompts and hypernetworks.
+///
+/// This binary is the control plane: it inspects plans, indexes datasets and coordinates
+/// workers (`arbor-worker`, one process per GPU).
+#[derive(Debug, Parser)]
+#[command(name = "arbor", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect bucketing and epoch plans before spending GPU hours.
+    #[command(subcommand)]
+    Plan(plan_command::PlanCommand),
+    /// Serve one job: form the group, stream shards, detect failures, persist the job state.
+    Coordinator(coordinator_command::CoordinatorArgs),
+    /// Run a libtorch-free worker that joins a coordinator (`--dry-run`: no model, every batch
+    /// loaded and cropped, items/s reported).
+    Worker(worker_command::WorkerArgs),
+    /// Show a running job: workers, ranks, generation, epoch, progress, last checkpoint, events.
+    Status(status_command::StatusArgs),
+    /// Start a coordinator and N local workers as processes (logs prefixed; Ctrl-C stops all).
+    Launch(launch_command::LaunchArgs),
+}
+
+impl Cli {
+    /// Runs the parsed command.
+    pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
+        match self.command {
+            Command::Plan(command) => plan_command::run(command),
+            Command::Coordinator(args) => coordinator_command::run(args),
+            Command::Worker(args) => worker_command::run(args),
+            Command::Status(args) => status_command::run(args),
+            Command::Launch(args) => launch_command::run(args),
+        }
+    }
+}

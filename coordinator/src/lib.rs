@@ -1,0 +1,15 @@
+//! `arbor-coordinator`: the control plane (no libtorch). The `arbor` binary's commands live in
+//! [`cli`]; the server in [`server`]; the libtorch-free dry-run worker in [`worker_command`].
+
+pub mod cli;
+pub mod coordinator_command;
+pub mod dataset;
+pub mod dry_run;
+pub mod job_config;
+pub mod launch_command;
+pub mod plan_command;
+pub mod plan_flags;
+pub mod server;
+pub mod status_command;
+pub mod token_flags;
+pub mod worker_command;
