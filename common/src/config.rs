@@ -468,12 +468,63 @@ impl JobConfig {
 /// A stable 64-bit hex digest of bytes (FNV-1a folded through SplitMix64). Not cryptographic:
 /// it detects accidental change.
 pub fn digest_bytes(bytes: &[u8]) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &byte in bytes {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01B3);
+    let mut digest = Digest::default();
+    digest.update(bytes);
+    digest.finish()
+}
+
+/// The streaming form of [`digest_bytes`].
+#[derive(Debug, Clone, Copy)]
+pub struct Digest {
+    hash: u64,
+}
+
+impl Default for Digest {
+    fn default() -> Self {
+        Self {
+            hash: 0xcbf2_9ce4_8422_2325,
+        }
     }
-    format!("{:016x}", crate::stream::splitmix64(hash))
+}
+
+impl Digest {
+    pub fn update(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.hash ^= u64::from(byte);
+            self.hash = self.hash.wrapping_mul(0x0000_0100_0000_01B3);
+        }
+    }
+
+    pub fn finish(&self) -> String {
+        format!("{:016x}", crate::stream::splitmix64(self.hash))
+    }
+}
+
+/// A reader that digests what passes through it.
+pub struct DigestReader<R> {
+    inner: R,
+    digest: Digest,
+}
+
+impl<R> DigestReader<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            digest: Digest::default(),
+        }
+    }
+
+    pub fn digest(&self) -> String {
+        self.digest.finish()
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for DigestReader<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let count = self.inner.read(buffer)?;
+        self.digest.update(&buffer[..count]);
+        Ok(count)
+    }
 }
 
 /// Parses an override's value as a TOML value when it is one (`2`, `1.5`, `true`,

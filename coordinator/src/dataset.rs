@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Context;
 use arbor_common::assign::{Assigner, BucketedItems};
 use arbor_common::buckets::BucketTable;
-use arbor_common::config::{digest_bytes, JobConfig};
+use arbor_common::config::{DigestReader, JobConfig};
 use arbor_common::manifest::{read_manifest, ManifestRecord};
 use tracing::{info, warn};
 
@@ -21,11 +21,12 @@ pub struct Dataset {
 impl Dataset {
     /// Reads and buckets the manifest at `path` with the job's bucket parameters.
     pub fn load(path: &Path, config: &JobConfig) -> anyhow::Result<Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("reading manifest {}", path.display()))?;
-        let digest = digest_bytes(&bytes);
-        let manifest = read_manifest(bytes.as_slice())
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("opening manifest {}", path.display()))?;
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, DigestReader::new(file));
+        let manifest = read_manifest(&mut reader)
             .with_context(|| format!("reading manifest {}", path.display()))?;
+        let digest = reader.get_ref().digest();
         for skipped in &manifest.skipped_lines {
             warn!(manifest = %path.display(), line = skipped.line, reason = %skipped.reason, "manifest line skipped");
         }
