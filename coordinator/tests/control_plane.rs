@@ -422,3 +422,79 @@ fn a_cut_shard_stream_resumes_without_duplicates() {
         assert_eq!(past_the_end.code(), tonic::Code::InvalidArgument);
     });
 }
+
+#[test]
+fn ranks_are_contiguous_per_node_and_a_collective_error_regroups() {
+    let spec = JobSpec {
+        min_workers: 4,
+        max_workers: 4,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    let address = job.address();
+    runtime().block_on(async {
+        let client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.clone().status(StatusRequest {}).await.is_err() {
+            assert!(Instant::now() < deadline, "coordinator did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let joins = [("b", 1), ("a", 1), ("b", 0), ("a", 0)].map(|(node, local_rank)| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let request = JoinRequest {
+                    worker_id: format!("{node}{local_rank}"),
+                    node: node.into(),
+                    local_rank,
+                    advertise_host: format!("10.0.0.{local_rank}"),
+                    store_port: 29500 + local_rank,
+                };
+                client.join(request).await.unwrap().into_inner()
+            })
+        });
+        let mut ranks = Vec::new();
+        for join in joins {
+            let reply = join.await.unwrap();
+            assert_eq!(reply.world_size, 4);
+            // Rank 0 is node a's local rank 0, whose store the group uses.
+            assert_eq!(reply.store_address, "10.0.0.0:29500");
+            ranks.push(reply.rank);
+        }
+        // Joined as b1, a1, b0, a0: node a gets ranks 0-1 and node b 2-3, local ranks in order.
+        assert_eq!(ranks, vec![3, 1, 2, 0]);
+
+        let mut client = client.clone();
+        let reply = client
+            .heartbeat(HeartbeatRequest {
+                worker_id: "a1".into(),
+                generation: 1,
+                rank: 1,
+                error: "allreduce: Connection closed by peer".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.command, arbor_proto::v1::Command::Regroup as i32);
+        assert!(
+            reply.reason.contains("Connection closed by peer"),
+            "{}",
+            reply.reason
+        );
+        let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+        assert_eq!((status.phase.as_str(), status.regroups), ("forming", 1));
+        // The other members hear it on their next heartbeat.
+        let reply = client
+            .heartbeat(HeartbeatRequest {
+                worker_id: "b0".into(),
+                generation: 1,
+                rank: 2,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.command, arbor_proto::v1::Command::Regroup as i32);
+    });
+}
