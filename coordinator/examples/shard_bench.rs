@@ -30,9 +30,12 @@ fn main() -> anyhow::Result<()> {
     let directory = tempfile::tempdir()?;
     let started = Instant::now();
     {
-        let mut manifest = BufWriter::new(std::fs::File::create(directory.path().join("manifest.jsonl"))?);
+        let mut manifest = BufWriter::new(std::fs::File::create(
+            directory.path().join("manifest.jsonl"),
+        )?);
         for id in 0..items {
-            let (width, height) = [(512, 768), (768, 512), (512, 512), (1920, 1080)][(id % 4) as usize];
+            let (width, height) =
+                [(512, 768), (768, 512), (512, 512), (1920, 1080)][(id % 4) as usize];
             writeln!(
                 manifest,
                 r#"{{"id":{id},"key":"shards/{:04}/{id:010}.jpg","width":{width},"height":{height},"caption":"1girl, solo, long hair, red dress, smile, outdoors, tag{}"}}"#,
@@ -41,9 +44,16 @@ fn main() -> anyhow::Result<()> {
             )?;
         }
     }
-    eprintln!("manifest of {items} items written in {:.1}s", started.elapsed().as_secs_f64());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    eprintln!(
+        "manifest of {items} items written in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     std::fs::write(
         directory.path().join("job.toml"),
         format!(
@@ -63,19 +73,34 @@ fn main() -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .spawn()?;
     let load_started = Instant::now();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let result = runtime.block_on(async {
-        let mut client = arbor_runtime::client::connect(&format!("127.0.0.1:{port}"), "bench", None)?;
+        let mut client =
+            arbor_runtime::client::connect(&format!("127.0.0.1:{port}"), "bench", None)?;
         while client.status(StatusRequest {}).await.is_err() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let load_seconds = load_started.elapsed().as_secs_f64();
         let rss = rss_bytes(coordinator.id());
         let reply = client
-            .join(JoinRequest { worker_id: "bench".into(), node: "n".into(), local_rank: 0, advertise_host: "127.0.0.1".into(), store_port: 1 })
+            .join(JoinRequest {
+                worker_id: "bench".into(),
+                node: "n".into(),
+                local_rank: 0,
+                advertise_host: "127.0.0.1".into(),
+                store_port: 1,
+            })
             .await?
             .into_inner();
-        let request = ShardRequest { worker_id: "bench".into(), generation: reply.generation, rank: 0, epoch: 0, start_index: 0 };
+        let request = ShardRequest {
+            worker_id: "bench".into(),
+            generation: reply.generation,
+            rank: 0,
+            epoch: 0,
+            start_index: 0,
+        };
         let stream_started = Instant::now();
         let mut stream = client.shard(request).await?.into_inner();
         let mut received = 0u64;
@@ -86,7 +111,14 @@ fn main() -> anyhow::Result<()> {
         }
         let stream_seconds = stream_started.elapsed().as_secs_f64();
         let peak_rss = rss_bytes(coordinator.id()).max(rss);
-        anyhow::Ok((load_seconds, rss, peak_rss, first_item.unwrap_or(0.0), received, stream_seconds))
+        anyhow::Ok((
+            load_seconds,
+            rss,
+            peak_rss,
+            first_item.unwrap_or(0.0),
+            received,
+            stream_seconds,
+        ))
     });
     let _ = coordinator.kill();
     let _ = coordinator.wait();
