@@ -2,7 +2,10 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::{coordinator_command, launch_command, plan_command, status_command, worker_command};
+use crate::{
+    coordinator_command, index_command, launch_command, plan_command, preview_command,
+    status_command, worker_command,
+};
 
 /// arbor trains Stable Diffusion 1.x models across GPU nodes with NovelAI's aspect-ratio
 /// bucketing, CLIP penultimate-layer conditioning, 225-token prompts and hypernetworks.
@@ -30,6 +33,12 @@ pub enum Command {
     Status(status_command::StatusArgs),
     /// Start a coordinator and N local workers as processes (logs prefixed; Ctrl-C stops all).
     Launch(launch_command::LaunchArgs),
+    /// Index a dataset (a folder or an object-store prefix) into a JSON Lines manifest: sizes
+    /// from image headers, sidecar captions, stable ids, and a report of every skipped file.
+    Index(index_command::IndexArgs),
+    /// Render the first batches of one rank, as they will be trained (cover-resized and
+    /// cropped), into a labelled PNG grid.
+    Preview(preview_command::PreviewArgs),
 }
 
 impl Cli {
@@ -41,6 +50,8 @@ impl Cli {
             Command::Worker(args) => worker_command::run(args),
             Command::Status(args) => status_command::run(args),
             Command::Launch(args) => launch_command::run(args),
+            Command::Index(args) => index_command::run(args),
+            Command::Preview(args) => preview_command::run(args),
         }
     }
 }

@@ -82,7 +82,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<std::process::ExitCode> {
     let mut trainer = DryRunTrainer::new(
         args.data_root.clone(),
         Duration::from_millis(args.simulate_step_ms),
-    );
+    )
+    .map_err(anyhow::Error::msg)?;
     let summary = run_worker(options, &mut trainer)?;
     info!(
         batches = summary.batches_trained,

@@ -31,7 +31,10 @@ fn assert_exactly_once(job: &Job, epoch: u64, global_batch: usize) {
 
 #[test]
 fn three_worker_dry_run_trains_every_kept_item_once_per_epoch() {
-    let mut job = Job::new(&JobSpec::default());
+    let mut job = Job::new(&JobSpec {
+        real_images: true,
+        ..JobSpec::default()
+    });
     job.start_coordinator();
     for rank in 0..3 {
         job.start_worker(rank, 0);
@@ -57,6 +60,46 @@ fn three_worker_dry_run_trains_every_kept_item_once_per_epoch() {
     for worker in &mut job.workers {
         assert!(worker.wait().unwrap().success());
     }
+    for rank in 0..3 {
+        let log = job.worker_log(rank);
+        let finished = log
+            .lines()
+            .find(|line| line.contains("dry run finished"))
+            .unwrap_or_else(|| panic!("{log}"));
+        assert!(
+            finished.contains("failed=0"),
+            "every image decodes: {finished}"
+        );
+        assert!(
+            finished.contains("items=200"),
+            "two epochs of 100 items per rank: {finished}"
+        );
+    }
+}
+
+#[test]
+fn unreadable_images_are_reported_and_the_dry_run_still_finishes() {
+    let spec = JobSpec {
+        min_workers: 1,
+        max_workers: 1,
+        epochs: 1,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    job.start_worker(0, 0);
+    assert!(
+        job.wait_coordinator(Duration::from_secs(90)),
+        "{}",
+        job.coordinator_log()
+    );
+    assert_exactly_once(&job, 0, 4);
+    let log = job.worker_log(0);
+    assert!(log.contains("item failed to load"), "{log}");
+    assert!(
+        log.contains("failed=300"),
+        "every 1-byte file is counted: {log}"
+    );
 }
 
 /// Checks that no standing item repeats within the epoch and that what is missing is only what

@@ -37,6 +37,9 @@ pub struct JobSpec {
     pub max_workers: u32,
     pub checkpoint_every: u64,
     pub heartbeat_timeout_s: f64,
+    /// Real PNGs (decoded and cropped by the dry run) instead of 1-byte files (which the dry
+    /// run reports as failed items without stopping).
+    pub real_images: bool,
 }
 
 impl Default for JobSpec {
@@ -49,6 +52,7 @@ impl Default for JobSpec {
             max_workers: 3,
             checkpoint_every: 5,
             heartbeat_timeout_s: 2.0,
+            real_images: false,
         }
     }
 }
@@ -69,8 +73,20 @@ impl Job {
                     300 + (index * 91 % 1200) as u32,
                 )
             };
-            let key = format!("images/{index:05}.bin");
-            std::fs::write(data.join(&key), [index as u8]).unwrap();
+            let (key, width, height) = if spec.real_images {
+                // Small images with the same aspect ratio keep the test quick.
+                let (width, height) = (width / 10, height / 10);
+                let key = format!("images/{index:05}.png");
+                let image = image::RgbImage::from_fn(width, height, |x, y| {
+                    image::Rgb([(x * 7) as u8, (y * 5) as u8, index as u8])
+                });
+                image.save(data.join(&key)).unwrap();
+                (key, width, height)
+            } else {
+                let key = format!("images/{index:05}.bin");
+                std::fs::write(data.join(&key), [index as u8]).unwrap();
+                (key, width, height)
+            };
             manifest.push_str(&format!(
                 "{{\"id\":{},\"key\":\"{key}\",\"width\":{width},\"height\":{height},\"caption\":\"tag{}\"}}\n",
                 1000 + index * 3,
@@ -166,6 +182,11 @@ heartbeat_timeout_s = {heartbeat_timeout_s}
             .spawn()
             .unwrap();
         self.workers.push(child);
+    }
+
+    pub fn worker_log(&self, local_rank: u32) -> String {
+        std::fs::read_to_string(self.path().join(format!("worker-{local_rank}.log")))
+            .unwrap_or_default()
     }
 
     pub fn coordinator_log(&self) -> String {

@@ -1,0 +1,25 @@
+//! `arbor-data`: the libtorch-free data path (DESIGN §2 "Image fit", §7), used by both binaries.
+//!
+//! - [`store`] opens a dataset root given as a plain path, `file://`, `s3://`, `gs://` or `az://`
+//!   URL through `object_store`, with credentials from the usual environment variables.
+//! - [`indexer`] walks a dataset root and produces manifest records: [`item_id`] gives each file a
+//!   stable id, [`image_header`] reads sizes from headers only (EXIF orientation applied),
+//!   [`caption`] reads sidecar captions, and [`skip_reason`] names every file that was not used.
+//! - [`batch_loader`] fetches, decodes ([`decode`]), fits ([`fit`]) and assembles batches of
+//!   f32 CHW pixels in [-1, 1] with per-item crop metadata; [`prefetcher`] runs it ahead of the
+//!   consumer on a worker pool.
+
+pub mod batch_loader;
+pub mod caption;
+pub mod contact_sheet;
+pub mod decode;
+pub mod error;
+pub mod fit;
+pub mod image_header;
+pub mod indexer;
+pub mod item_id;
+pub mod prefetcher;
+pub mod skip_reason;
+pub mod store;
+
+pub use error::DataError;
