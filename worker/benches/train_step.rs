@@ -1,0 +1,302 @@
+//! Benchmark: one diffusion training step (forward, backward, AdamW) of a small SD-topology
+//! UNet on CPU, arbor (tch) vs the PyTorch-eager script `bench/train_step/train_step.py` on the
+//! same libtorch, UNet config, shapes and thread count. Prints both side by side with the ratio.
+//!
+//!     cargo bench -p arbor-worker --bench train_step -- [--rounds N] [--steps N] [--warmup N]
+//!         [--threads N]
+//!         [--batch N] [--size N] [--context-len N] [--fused-adamw] [--python PATH]
+//!
+//! The Python interpreter is `--python`, else $ARBOR_PYTHON_BIN, else `.venv/bin/python`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use arbor_worker::ddpm::DdpmSchedule;
+use arbor_worker::train_step::{adamw, optimizer_step, DiffusionBatch};
+use arbor_worker::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
+use tch::{nn, Device, Kind, Tensor};
+
+struct Options {
+    steps: usize,
+    warmup: usize,
+    threads: i32,
+    batch: i64,
+    size: i64,
+    context_len: i64,
+    fused_adamw: bool,
+    rounds: usize,
+    python: PathBuf,
+}
+
+fn parse_options() -> Result<Options> {
+    let repo_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut options = Options {
+        steps: 5,
+        warmup: 2,
+        rounds: 3,
+        threads: 2,
+        batch: 2,
+        size: 32,
+        context_len: 77,
+        fused_adamw: false,
+        python: std::env::var_os("ARBOR_PYTHON_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root.join(".venv/bin/python")),
+    };
+    let mut arguments = std::env::args().skip(1);
+    while let Some(argument) = arguments.next() {
+        let mut value = |name: &str| {
+            arguments
+                .next()
+                .with_context(|| format!("{name} needs a value"))
+        };
+        match argument.as_str() {
+            "--bench" => {}
+            "--steps" => options.steps = value("--steps")?.parse()?,
+            "--warmup" => options.warmup = value("--warmup")?.parse()?,
+            "--rounds" => options.rounds = value("--rounds")?.parse()?,
+            "--threads" => options.threads = value("--threads")?.parse()?,
+            "--batch" => options.batch = value("--batch")?.parse()?,
+            "--size" => options.size = value("--size")?.parse()?,
+            "--context-len" => options.context_len = value("--context-len")?.parse()?,
+            "--python" => options.python = PathBuf::from(value("--python")?),
+            "--fused-adamw" => options.fused_adamw = true,
+            other => bail!("unknown argument `{other}`"),
+        }
+    }
+    if options.steps == 0 || options.rounds == 0 {
+        bail!("--steps and --rounds must be at least 1");
+    }
+    Ok(options)
+}
+
+/// The benchmarked UNet: SD1's topology (3 cross-attention levels and a plain one, 2 layers per
+/// block, 8 heads, 768-wide text context) at reduced widths.
+fn unet_config_json() -> serde_json::Value {
+    serde_json::json!({
+        "sample_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32, 64, 128, 128],
+        "layers_per_block": 2,
+        "attention_head_dim": 8,
+        "cross_attention_dim": 768,
+        "norm_num_groups": 32,
+    })
+}
+
+#[derive(Debug)]
+struct Timing {
+    median_ms: f64,
+    mean_ms: f64,
+    min_ms: f64,
+    loss: f64,
+}
+
+fn summarize(mut times: Vec<f64>, loss: f64) -> Timing {
+    assert!(!times.is_empty(), "at least one timed step");
+    times.sort_by(|left, right| left.total_cmp(right));
+    let middle = times.len() / 2;
+    let median_ms = if times.len() % 2 == 0 {
+        (times[middle - 1] + times[middle]) / 2.0
+    } else {
+        times[middle]
+    };
+    Timing {
+        median_ms,
+        mean_ms: times.iter().sum::<f64>() / times.len() as f64,
+        min_ms: times[0],
+        loss,
+    }
+}
+
+/// arbor's side: the model, optimizer and batch, built once and timed in rounds.
+struct ArborRun {
+    var_store: nn::VarStore,
+    unet: UNet2DConditionModel,
+    schedule: DdpmSchedule,
+    optimizer: nn::Optimizer,
+    latents: Tensor,
+    noise: Tensor,
+    context: Tensor,
+    timesteps: Tensor,
+}
+
+impl ArborRun {
+    fn new(options: &Options, config_value: &serde_json::Value) -> Result<Self> {
+        tch::set_num_threads(options.threads);
+        tch::manual_seed(0);
+        let config = UNet2DConditionConfig::from_diffusers_value(config_value, Path::new("bench"))?;
+        let var_store = nn::VarStore::new(Device::Cpu);
+        let unet = UNet2DConditionModel::new(var_store.root(), &config);
+        let optimizer = adamw(&var_store, 1e-4, 0.01)?;
+        let kind = (Kind::Float, Device::Cpu);
+        let shape = [options.batch, 4, options.size, options.size];
+        Ok(Self {
+            unet,
+            schedule: DdpmSchedule::sd1(),
+            optimizer,
+            latents: Tensor::randn(shape, kind),
+            noise: Tensor::randn(shape, kind),
+            context: Tensor::randn(
+                [
+                    options.batch,
+                    options.context_len,
+                    config.cross_attention_dim[0],
+                ],
+                kind,
+            ),
+            timesteps: Tensor::randint(1000, [options.batch], (Kind::Int64, Device::Cpu)),
+            var_store,
+        })
+    }
+
+    fn step(&mut self) -> Result<f64> {
+        let batch = DiffusionBatch {
+            latents: &self.latents,
+            noise: &self.noise,
+            timesteps: &self.timesteps,
+            encoder_hidden_states: &self.context,
+        };
+        Ok(optimizer_step(
+            &mut self.optimizer,
+            &self.unet,
+            &self.schedule,
+            &batch,
+            None,
+        )?)
+    }
+
+    /// Step times in ms after `warmup` untimed steps, and the last loss.
+    fn time(&mut self, warmup: usize, steps: usize) -> Result<(Vec<f64>, f64)> {
+        for _ in 0..warmup {
+            self.step()?;
+        }
+        let mut times = Vec::with_capacity(steps);
+        let mut loss = 0.0;
+        for _ in 0..steps {
+            let start = Instant::now();
+            loss = self.step()?;
+            times.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+        Ok((times, loss))
+    }
+}
+
+fn run_pytorch(options: &Options, config_path: &Path) -> Result<(Vec<f64>, f64)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/train_step/train_step.py");
+    let mut command = Command::new(&options.python);
+    command
+        .arg(&script)
+        .arg("--config")
+        .arg(config_path)
+        .args(["--batch", &options.batch.to_string()])
+        .args(["--size", &options.size.to_string()])
+        .args(["--context-len", &options.context_len.to_string()])
+        .args(["--steps", &options.steps.to_string()])
+        .args(["--warmup", &options.warmup.to_string()])
+        .args(["--threads", &options.threads.to_string()]);
+    if options.fused_adamw {
+        command.arg("--fused-adamw");
+    }
+    let output = command
+        .output()
+        .with_context(|| format!("running {script:?} with {:?}", options.python))?;
+    if !output.status.success() {
+        bail!(
+            "{script:?} failed with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|line| line.starts_with('{'))
+        .context("the baseline printed no json line")?;
+    let value: serde_json::Value = serde_json::from_str(line)?;
+    let field = |name: &str| {
+        value[name]
+            .as_f64()
+            .with_context(|| format!("baseline json lacks `{name}`"))
+    };
+    let times = value["times_ms"]
+        .as_array()
+        .context("baseline json lacks `times_ms`")?
+        .iter()
+        .map(|time| time.as_f64().context("a non-numeric time in `times_ms`"))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((times, field("loss")?))
+}
+
+fn main() -> Result<()> {
+    let options = parse_options()?;
+    let config_value = unet_config_json();
+    let directory =
+        std::env::temp_dir().join(format!("arbor-bench-train-step-{}", std::process::id()));
+    std::fs::create_dir_all(&directory)?;
+    let config_path = directory.join("config.json");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config_value)?)?;
+
+    // Interleaved rounds, PyTorch first in each, so both sides see the same machine load.
+    let mut arbor = ArborRun::new(&options, &config_value)?;
+    let (mut pytorch_times, mut arbor_times) = (Vec::new(), Vec::new());
+    let (mut pytorch_loss, mut arbor_loss) = (0.0, 0.0);
+    for round in 0..options.rounds {
+        let (times, loss) = run_pytorch(&options, &config_path)?;
+        pytorch_times.extend(times);
+        pytorch_loss = loss;
+        let warmup = if round == 0 { options.warmup } else { 1 };
+        let (times, loss) = arbor.time(warmup, options.steps)?;
+        arbor_times.extend(times);
+        arbor_loss = loss;
+    }
+    let _ = std::fs::remove_dir_all(&directory);
+    let pytorch = summarize(pytorch_times, pytorch_loss);
+    let arbor_timing = summarize(arbor_times, arbor_loss);
+
+    println!(
+        "train step (forward + backward + AdamW), CPU, {} threads: UNet block_out_channels {}, \
+         {} parameter tensors, batch {}, latents {}x{}, context {}x{}; {} rounds of {} timed \
+         steps (PyTorch then arbor in each round)",
+        options.threads,
+        config_value["block_out_channels"],
+        arbor.var_store.variables().len(),
+        options.batch,
+        options.size,
+        options.size,
+        options.context_len,
+        config_value["cross_attention_dim"],
+        options.rounds,
+        options.steps,
+    );
+    let adamw_kind = if options.fused_adamw {
+        "fused"
+    } else {
+        "default (for-each)"
+    };
+    println!(
+        "{:<40} {:>10} {:>10} {:>10} {:>10}",
+        "", "median ms", "mean ms", "min ms", "last loss"
+    );
+    for (name, timing) in [
+        (format!("pytorch eager, AdamW {adamw_kind}"), &pytorch),
+        ("arbor (tch), AdamW C++".to_string(), &arbor_timing),
+    ] {
+        println!(
+            "{name:<40} {:>10.1} {:>10.1} {:>10.1} {:>10.4}",
+            timing.median_ms, timing.mean_ms, timing.min_ms, timing.loss
+        );
+    }
+    println!(
+        "ratio arbor / pytorch: median {:.3}x, min {:.3}x  (target <= 0.90x)",
+        arbor_timing.median_ms / pytorch.median_ms,
+        arbor_timing.min_ms / pytorch.min_ms
+    );
+    Ok(())
+}

@@ -1,0 +1,279 @@
+//! The DDPM noise schedule of Stable Diffusion (diffusers' `DDPMScheduler` training side):
+//! scaled_linear betas 0.00085–0.012 over 1000 steps, per-sample `add_noise`, the v-prediction
+//! target, and the settings the samplers share (read from a diffusers `scheduler_config.json`).
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, WorkerError};
+
+/// What the UNet predicts, and so the training target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+}
+
+/// How betas are spaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BetaSchedule {
+    /// Linear in sqrt(beta), then squared (Stable Diffusion's).
+    ScaledLinear,
+    Linear,
+}
+
+/// How inference timesteps are spread over the training steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepSpacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+/// The scheduler settings from a diffusers `scheduler/scheduler_config.json` (any of the
+/// DDPM/DDIM/PNDM/Euler schedulers). Unknown keys are ignored on purpose (an upstream format);
+/// keys that would change the schedule are checked.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(default = "default_train_timesteps")]
+    pub num_train_timesteps: i64,
+    #[serde(default = "default_beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "default_beta_end")]
+    pub beta_end: f64,
+    #[serde(default = "default_beta_schedule")]
+    pub beta_schedule: BetaSchedule,
+    #[serde(default = "default_prediction_type")]
+    pub prediction_type: PredictionType,
+    #[serde(default = "default_steps_offset")]
+    pub steps_offset: i64,
+    /// DDIM's final ᾱ is 1 (true, diffusers' default when the key is absent) or ᾱ_0.
+    #[serde(default = "yes")]
+    pub set_alpha_to_one: bool,
+    #[serde(default = "default_spacing")]
+    pub timestep_spacing: TimestepSpacing,
+    #[serde(default)]
+    trained_betas: Option<serde_json::Value>,
+    #[serde(default)]
+    rescale_betas_zero_snr: bool,
+}
+
+fn default_train_timesteps() -> i64 {
+    1000
+}
+fn default_beta_start() -> f64 {
+    0.00085
+}
+fn default_beta_end() -> f64 {
+    0.012
+}
+fn default_beta_schedule() -> BetaSchedule {
+    BetaSchedule::ScaledLinear
+}
+fn default_prediction_type() -> PredictionType {
+    PredictionType::Epsilon
+}
+fn default_steps_offset() -> i64 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_spacing() -> TimestepSpacing {
+    TimestepSpacing::Leading
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self::sd1()
+    }
+}
+
+impl SchedulerConfig {
+    /// Stable Diffusion 1.x (its scheduler_config.json): scaled_linear 0.00085–0.012, 1000
+    /// steps, epsilon, steps_offset 1, set_alpha_to_one false.
+    pub fn sd1() -> Self {
+        Self {
+            num_train_timesteps: default_train_timesteps(),
+            beta_start: default_beta_start(),
+            beta_end: default_beta_end(),
+            beta_schedule: default_beta_schedule(),
+            prediction_type: default_prediction_type(),
+            steps_offset: default_steps_offset(),
+            set_alpha_to_one: false,
+            timestep_spacing: default_spacing(),
+            trained_betas: None,
+            rescale_betas_zero_snr: false,
+        }
+    }
+
+    /// Reads and validates a diffusers `scheduler_config.json`.
+    pub fn from_diffusers_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(WorkerError::io(path))?;
+        let config: Self = serde_json::from_str(&text).map_err(|source| WorkerError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    pub fn validate(&self, source: &Path) -> Result<()> {
+        let error = |field: &str, message: &str| WorkerError::Config {
+            path: source.to_path_buf(),
+            field: field.to_string(),
+            message: message.to_string(),
+        };
+        if self.num_train_timesteps < 2 {
+            return Err(error("num_train_timesteps", "must be at least 2"));
+        }
+        if !(self.beta_start > 0.0 && self.beta_start < self.beta_end && self.beta_end < 1.0) {
+            return Err(error("beta_start", "needs 0 < beta_start < beta_end < 1"));
+        }
+        if self
+            .trained_betas
+            .as_ref()
+            .is_some_and(|value| !value.is_null())
+        {
+            return Err(error("trained_betas", "must be null"));
+        }
+        if self.rescale_betas_zero_snr {
+            return Err(error("rescale_betas_zero_snr", "must be false"));
+        }
+        if self.steps_offset < 0 {
+            return Err(error("steps_offset", "must not be negative"));
+        }
+        Ok(())
+    }
+}
+
+/// The forward-process schedule: betas, alphas_cumprod, noising and targets.
+#[derive(Debug)]
+pub struct DdpmSchedule {
+    config: SchedulerConfig,
+    /// f32 [num_train_timesteps], computed as diffusers computes it (float32 throughout).
+    alphas_cumprod: Tensor,
+}
+
+impl DdpmSchedule {
+    pub fn new(config: &SchedulerConfig) -> Self {
+        let steps = config.num_train_timesteps;
+        let options = (Kind::Float, Device::Cpu);
+        let betas = match config.beta_schedule {
+            BetaSchedule::ScaledLinear => Tensor::linspace(
+                config.beta_start.sqrt(),
+                config.beta_end.sqrt(),
+                steps,
+                options,
+            )
+            .pow_tensor_scalar(2),
+            BetaSchedule::Linear => {
+                Tensor::linspace(config.beta_start, config.beta_end, steps, options)
+            }
+        };
+        let alphas = betas.neg() + 1.0;
+        let alphas_cumprod = alphas.cumprod(0, Kind::Float);
+        Self {
+            config: config.clone(),
+            alphas_cumprod,
+        }
+    }
+
+    /// Stable Diffusion 1.x's schedule.
+    pub fn sd1() -> Self {
+        Self::new(&SchedulerConfig::sd1())
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    pub fn num_train_timesteps(&self) -> i64 {
+        self.config.num_train_timesteps
+    }
+
+    /// ᾱ_t for every training step, f32 on the CPU.
+    pub fn alphas_cumprod(&self) -> &Tensor {
+        &self.alphas_cumprod
+    }
+
+    /// ᾱ at one training step (f64, for the samplers' scalar arithmetic).
+    pub fn alpha_cumprod_at(&self, timestep: i64) -> f64 {
+        self.alphas_cumprod.double_value(&[timestep])
+    }
+
+    /// Checks `timesteps` is an integer tensor of one timestep per sample of `batch`, each in
+    /// [0, num_train_timesteps).
+    pub fn check_timesteps(&self, timesteps: &Tensor, batch: i64) -> Result<()> {
+        let error = |message: String| WorkerError::Input {
+            name: "timesteps".to_string(),
+            message,
+        };
+        if timesteps.is_floating_point() || timesteps.kind() == Kind::Bool {
+            return Err(error(format!(
+                "expected integers, got {:?}",
+                timesteps.kind()
+            )));
+        }
+        if timesteps.size() != [batch] {
+            return Err(error(format!(
+                "expected one per sample [{batch}], got {:?}",
+                timesteps.size()
+            )));
+        }
+        if batch == 0 {
+            return Ok(());
+        }
+        let low = timesteps.min().int64_value(&[]);
+        let high = timesteps.max().int64_value(&[]);
+        if low < 0 || high >= self.config.num_train_timesteps {
+            return Err(error(format!(
+                "values must lie in [0, {}), got [{low}, {high}]",
+                self.config.num_train_timesteps
+            )));
+        }
+        Ok(())
+    }
+
+    /// (sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) per sample, shaped [B, 1, …] to broadcast against `like`.
+    fn coefficients(&self, timesteps: &Tensor, like: &Tensor) -> (Tensor, Tensor) {
+        let alphas_cumprod = self
+            .alphas_cumprod
+            .to_device(like.device())
+            .to_kind(like.kind());
+        let selected =
+            alphas_cumprod.index_select(0, &timesteps.to_device(like.device()).reshape([-1]));
+        let mut shape = vec![-1i64];
+        shape.resize(like.dim(), 1);
+        let sqrt_alpha = selected.pow_tensor_scalar(0.5).reshape(shape.as_slice());
+        let sqrt_one_minus_alpha = (selected.neg() + 1.0)
+            .pow_tensor_scalar(0.5)
+            .reshape(shape.as_slice());
+        (sqrt_alpha, sqrt_one_minus_alpha)
+    }
+
+    /// x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·noise, with one timestep per sample.
+    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, timesteps: &Tensor) -> Tensor {
+        let (sqrt_alpha, sqrt_one_minus_alpha) = self.coefficients(timesteps, x0);
+        sqrt_alpha * x0 + sqrt_one_minus_alpha * noise
+    }
+
+    /// The v-prediction target v = sqrt(ᾱ_t)·noise − sqrt(1 − ᾱ_t)·x0.
+    pub fn velocity(&self, x0: &Tensor, noise: &Tensor, timesteps: &Tensor) -> Tensor {
+        let (sqrt_alpha, sqrt_one_minus_alpha) = self.coefficients(timesteps, x0);
+        sqrt_alpha * noise - sqrt_one_minus_alpha * x0
+    }
+
+    /// What the UNet is trained to predict under the configured prediction type.
+    pub fn training_target(&self, x0: &Tensor, noise: &Tensor, timesteps: &Tensor) -> Tensor {
+        match self.config.prediction_type {
+            PredictionType::Epsilon => noise.shallow_clone(),
+            PredictionType::VPrediction => self.velocity(x0, noise, timesteps),
+        }
+    }
+}

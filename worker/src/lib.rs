@@ -1,0 +1,23 @@
+//! arbor's worker library: the tch (libtorch) model stack of Stable Diffusion 1.x — CLIP text
+//! encoder with clip skip and long prompts, UNet, VAE, DDPM — and weight I/O.
+
+pub mod attention;
+pub mod clip;
+pub mod ddpm;
+pub mod embeddings;
+pub mod error;
+pub mod hypernetwork;
+pub mod json_file;
+pub mod model_components;
+pub mod probe;
+pub mod prompt;
+pub mod resnet;
+pub mod samplers;
+pub mod tokenizer;
+pub mod train_step;
+pub mod unet_2d;
+pub mod unet_blocks;
+pub mod vae;
+pub mod weights;
+
+pub use error::{Result, WorkerError};
