@@ -76,6 +76,9 @@ pub struct DataSection {
     pub keep_tokens: u32,
     #[serde(default)]
     pub tag_dropout: f64,
+    /// Batches each rank loads ahead of the one training (0: load each batch when it is due).
+    #[serde(default = "default_prefetch_batches")]
+    pub prefetch_batches: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -193,6 +196,10 @@ pub struct ModelSection {
     pub mode: String,
     pub clip_skip: u32,
     pub max_chunks: u32,
+    /// What the UNet predicts: `epsilon` (SD1) or `v_prediction`.
+    pub prediction_type: String,
+    /// In `finetune` mode, also train the CLIP text encoder.
+    pub train_text_encoder: bool,
 }
 
 impl Default for ModelSection {
@@ -202,6 +209,8 @@ impl Default for ModelSection {
             mode: "hypernetwork".into(),
             clip_skip: 2,
             max_chunks: 3,
+            prediction_type: "epsilon".into(),
+            train_text_encoder: false,
         }
     }
 }
@@ -214,7 +223,19 @@ pub struct TrainSection {
     pub lr: String,
     pub optimizer: String,
     pub mixed_precision: String,
+    /// Gradient clipping by global L2 norm; 0 turns it off.
     pub max_grad_norm: f64,
+    /// `constant` or `cosine` (cosine decay to 0 over the run after the warmup); ignored when
+    /// `lr` is an A1111 `rate:step, …` schedule.
+    pub lr_scheduler: String,
+    /// Steps of linear warmup from 0 to the learning rate.
+    pub lr_warmup_steps: u64,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// Decay of the exponential moving average of the trained weights; 0 turns EMA off.
+    pub ema_decay: f64,
+    /// Encode each image with the VAE once and reuse the latents (only without random crops).
+    pub cache_latents: bool,
 }
 
 impl Default for TrainSection {
@@ -224,6 +245,11 @@ impl Default for TrainSection {
             optimizer: "adamw".into(),
             mixed_precision: "bf16".into(),
             max_grad_norm: 1.0,
+            lr_scheduler: "constant".into(),
+            lr_warmup_steps: 0,
+            weight_decay: 0.01,
+            ema_decay: 0.0,
+            cache_latents: false,
         }
     }
 }
@@ -297,6 +323,28 @@ fn default_seed() -> u64 {
 fn default_true() -> bool {
     true
 }
+impl DataSection {
+    /// Where the manifest's keys are resolved: `data.root`, else the manifest's folder (`.` for
+    /// a bare file name).
+    pub fn dataset_root(&self) -> String {
+        if let Some(root) = &self.root {
+            return root.clone();
+        }
+        std::path::Path::new(&self.manifest)
+            .parent()
+            .map(|parent| parent.display().to_string())
+            .filter(|parent| !parent.is_empty())
+            .unwrap_or_else(|| ".".to_string())
+    }
+}
+
+/// The most batches a rank may load ahead (`data.prefetch_batches`).
+pub const MAX_PREFETCH_BATCHES: u32 = 64;
+
+fn default_prefetch_batches() -> u32 {
+    2
+}
+
 fn default_keep_tokens() -> u32 {
     1
 }
@@ -435,6 +483,12 @@ impl JobConfig {
         if !(0.0..1.0).contains(&self.data.tag_dropout) {
             return Err(invalid("data.tag_dropout", "must be in [0, 1)"));
         }
+        if self.data.prefetch_batches > MAX_PREFETCH_BATCHES {
+            return Err(invalid(
+                "data.prefetch_batches",
+                format!("must be at most {MAX_PREFETCH_BATCHES} (each batch in flight holds its pixels in memory)"),
+            ));
+        }
         if !["hypernetwork", "finetune"].contains(&self.model.mode.as_str()) {
             return Err(invalid(
                 "model.mode",
@@ -449,6 +503,64 @@ impl JobConfig {
         }
         if self.model.max_chunks == 0 {
             return Err(invalid("model.max_chunks", "must be at least 1"));
+        }
+        if !["epsilon", "v_prediction"].contains(&self.model.prediction_type.as_str()) {
+            return Err(invalid(
+                "model.prediction_type",
+                format!(
+                    "expected `epsilon` or `v_prediction`, got `{}`",
+                    self.model.prediction_type
+                ),
+            ));
+        }
+        let train = &self.train;
+        if train.optimizer != "adamw" {
+            return Err(invalid(
+                "train.optimizer",
+                format!("only `adamw` is supported, got `{}`", train.optimizer),
+            ));
+        }
+        if !["bf16", "fp32", "no"].contains(&train.mixed_precision.as_str()) {
+            return Err(invalid(
+                "train.mixed_precision",
+                format!(
+                    "expected `bf16`, `fp32` or `no`, got `{}`",
+                    train.mixed_precision
+                ),
+            ));
+        }
+        if !["constant", "cosine"].contains(&train.lr_scheduler.as_str()) {
+            return Err(invalid(
+                "train.lr_scheduler",
+                format!(
+                    "expected `constant` or `cosine`, got `{}`",
+                    train.lr_scheduler
+                ),
+            ));
+        }
+        if train.max_grad_norm.is_nan() || train.max_grad_norm < 0.0 {
+            return Err(invalid(
+                "train.max_grad_norm",
+                "must be 0 (off) or positive",
+            ));
+        }
+        if train.weight_decay.is_nan() || train.weight_decay < 0.0 {
+            return Err(invalid("train.weight_decay", "must not be negative"));
+        }
+        if !(0.0..1.0).contains(&train.ema_decay) {
+            return Err(invalid(
+                "train.ema_decay",
+                "must be in [0, 1); 0 turns ema off",
+            ));
+        }
+        if self.samples.steps == 0 {
+            return Err(invalid("samples.steps", "must be at least 1"));
+        }
+        if !["ddim", "euler"].contains(&self.samples.sampler.as_str()) {
+            return Err(invalid(
+                "samples.sampler",
+                format!("expected `ddim` or `euler`, got `{}`", self.samples.sampler),
+            ));
         }
         Ok(())
     }
@@ -624,6 +736,7 @@ mod tests {
             ("buckets.min_dim=4096", "min_dim"),
             ("model.mode=lora", "model.mode"),
             ("data.tag_dropout=1.5", "data.tag_dropout"),
+            ("data.prefetch_batches=65", "data.prefetch_batches"),
         ];
         for (flag, field) in cases {
             let overrides = [Override::from_flag(flag).unwrap()];

@@ -513,7 +513,15 @@ fn check_invocation(invocation: &Invocation) -> anyhow::Result<Vec<Override>> {
             (subcommand, invocation.args.clone())
         }
         "arbor-worker" => {
-            for arg in &invocation.args {
+            let (subcommand, worker_args) = invocation
+                .args
+                .split_first()
+                .ok_or_else(|| anyhow!("{what}: `arbor-worker` without a subcommand"))?;
+            ensure!(
+                subcommand == "train",
+                "{what}: `arbor-worker {subcommand}` is not `arbor-worker train`, the subcommand that joins a job"
+            );
+            for arg in worker_args {
                 if let Some(long) = arg.strip_prefix("--") {
                     let long = long.split('=').next().unwrap_or(long);
                     ensure!(
@@ -523,7 +531,7 @@ fn check_invocation(invocation: &Invocation) -> anyhow::Result<Vec<Override>> {
                 }
             }
             let mut args = vec!["worker".to_string()];
-            args.extend(invocation.args.iter().cloned());
+            args.extend(worker_args.iter().cloned());
             ("worker".to_string(), args)
         }
         other => bail!("{what}: unknown binary `{other}`"),

@@ -18,10 +18,10 @@ ARG WORKER_FEATURES=""
 ARG BUILD_PIP_PACKAGES=""
 # Debian bookworm's python3 is 3.11, the interpreter the torch wheel is picked for; the packages
 # are the build's own (scripts/apt-packages.txt): Gloo headers for the c10d shim, protoc, and
-# cmake + nasm for the bundled libjpeg-turbo.
+# libturbojpeg0-dev for arbor-data's DCT-scaled JPEG decoding.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-       python3 python3-venv libgloo-dev protobuf-compiler cmake nasm \
+       python3 python3-venv libgloo-dev protobuf-compiler libturbojpeg0-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "torch==${TORCH_VERSION}" ${BUILD_PIP_PACKAGES}
@@ -47,7 +47,7 @@ LABEL org.opencontainers.image.title="arbor-worker" \
       org.opencontainers.image.description="arbor training worker: arbor-worker with libtorch 2.13 and CUDA 13 runtime libraries" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates libgomp1 \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates libgomp1 libturbojpeg0 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 65532 arbor \
     && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin arbor
@@ -65,4 +65,4 @@ ENV HOME=/tmp \
 USER 65532:65532
 EXPOSE 29500
 ENTRYPOINT ["/usr/local/bin/arbor-worker"]
-CMD ["--nproc", "1"]
+CMD ["train", "--nproc", "1"]
