@@ -8,6 +8,9 @@
   make_corpus.py bench OUT --count N [--seed S]
                               N photo-like JPEGs (quality 90) of about 1 to 6 megapixels with varied
                               aspect ratios, for the loader benchmark.
+  make_corpus.py scaled OUT   larger JPEGs for the DCT-scaled decode tests: photo-like RGB
+                              (4:2:0 and 4:4:4), EXIF orientations 6 and 3 of a quadrant pattern,
+                              CMYK, grayscale, progressive, and a truncated one.
 """
 import argparse
 import os
@@ -174,15 +177,51 @@ def make_bench(out, count, seed):
         Image.fromarray(pixels, "RGB").save(os.path.join(out, f"img_{index:04d}.jpg"), quality=90)
 
 
+def photo_like(rng, width, height):
+    coarse = rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse, "RGB").resize((width, height), Image.Resampling.BICUBIC)
+    grain = rng.normal(0, 6, (height, width, 1)).astype(np.int16)
+    return Image.fromarray(np.clip(np.asarray(image, np.int16) + grain, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_scaled(out):
+    rng = np.random.default_rng(11)
+    os.makedirs(out, exist_ok=True)
+    photo_like(rng, 2400, 1600).save(os.path.join(out, "photo_420.jpg"), quality=90)
+    photo_like(rng, 1500, 2100).save(os.path.join(out, "photo_444.jpg"), quality=90, subsampling=0)
+    photo_like(rng, 2048, 1536).save(os.path.join(out, "progressive.jpg"), quality=90, progressive=True)
+    # Orientation: the upright image is a 1600x800 quadrant pattern (red | green over blue | white).
+    upright = np.zeros((800, 1600, 3), np.uint8)
+    upright[:400, :800] = QUADRANTS[0]
+    upright[:400, 800:] = QUADRANTS[1]
+    upright[400:, :800] = QUADRANTS[2]
+    upright[400:, 800:] = QUADRANTS[3]
+    upright = Image.fromarray(upright, "RGB")
+    for orientation in (3, 6):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored = upright.transpose(STORED_FROM_UPRIGHT[orientation])
+        stored.save(os.path.join(out, f"quadrants_o{orientation}.jpg"), quality=95, exif=exif.tobytes())
+    photo_like(rng, 1800, 1200).convert("CMYK").save(os.path.join(out, "cmyk.jpg"), quality=95)
+    photo_like(rng, 1600, 1600).convert("L").save(os.path.join(out, "gray.jpg"), quality=90)
+    path = os.path.join(out, "truncated.jpg")
+    photo_like(rng, 1600, 1200).save(path, quality=90)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    write(path, data[: len(data) * 2 // 3])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["odd", "bench"])
+    parser.add_argument("kind", choices=["odd", "bench", "scaled"])
     parser.add_argument("out")
     parser.add_argument("--count", type=int, default=48)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     if args.kind == "odd":
         make_odd(args.out)
+    elif args.kind == "scaled":
+        make_scaled(args.out)
     else:
         make_bench(args.out, args.count, args.seed)
 

@@ -16,10 +16,11 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tracing::warn;
 
-use crate::decode::{decode_rgb, DecodeError};
+use crate::decode::{decode_rgb_covering, DecodeError};
 use crate::error::{invalid, DataError};
 use crate::fit::{fit_rgb8, rgb8_to_chw_f32};
 use crate::store::DatasetStore;
+use crate::turbojpeg::JpegScale;
 
 /// Pillow's default `MAX_IMAGE_PIXELS`: larger images are refused as decompression bombs.
 pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
@@ -408,6 +409,27 @@ impl BatchLoader {
     }
 }
 
+/// The DCT scales JPEGs may be decoded at: libjpeg-turbo's 1/2, 1/4 and 1/8, the factors
+/// whose reduced inverse DCTs are SIMD-accelerated (and the ones OpenCV's `IMREAD_REDUCED_*`
+/// and Pillow's `draft` use).
+pub fn jpeg_decode_scales() -> &'static [JpegScale] {
+    const SCALES: [JpegScale; 3] = [
+        JpegScale {
+            numerator: 1,
+            denominator: 2,
+        },
+        JpegScale {
+            numerator: 1,
+            denominator: 4,
+        },
+        JpegScale {
+            numerator: 1,
+            denominator: 8,
+        },
+    ];
+    &SCALES
+}
+
 /// Decode, orient, convert, cover-resize and crop one image (runs on the worker pool).
 pub fn decode_and_fit(
     bytes: &[u8],
@@ -418,23 +440,30 @@ pub fn decode_and_fit(
     seed: u64,
     epoch: u64,
 ) -> Result<FittedItem, LoadFailure> {
-    let image = decode_rgb(bytes, max_pixels).map_err(LoadFailure::Decode)?;
+    // The cover size comes from the full-resolution upright size (read from the header), so
+    // a JPEG is decoded at the smallest DCT scale that still covers it.
+    let decoded = decode_rgb_covering(bytes, max_pixels, jpeg_decode_scales(), |width, height| {
+        cover_geometry(item_id, width, height, bucket_width, bucket_height)
+            .ok()
+            .map(|geometry| (geometry.resized_width, geometry.resized_height))
+    })
+    .map_err(LoadFailure::Decode)?;
     let geometry = cover_geometry(
         item_id,
-        image.width,
-        image.height,
+        decoded.full_width,
+        decoded.full_height,
         bucket_width,
         bucket_height,
     )
     .map_err(|error| LoadFailure::Fit(error.to_string()))?;
     let offset = crop_offset(seed, epoch, item_id, &geometry);
-    let rgb = fit_rgb8(&image, &geometry, offset, bucket_width, bucket_height)
+    let rgb = fit_rgb8(&decoded, &geometry, offset, bucket_width, bucket_height)
         .map_err(LoadFailure::Fit)?;
     let crop = ItemCrop {
         id: item_id,
         loaded_id: Some(item_id),
-        original_width: image.width,
-        original_height: image.height,
+        original_width: decoded.full_width,
+        original_height: decoded.full_height,
         resized_width: geometry.resized_width,
         resized_height: geometry.resized_height,
         crop_x: offset.x,

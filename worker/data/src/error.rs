@@ -23,6 +23,9 @@ pub enum DataError {
     /// Bucket geometry refused by `arbor-common`.
     #[error(transparent)]
     Common(#[from] arbor_common::CommonError),
+    /// A background load was cancelled or panicked.
+    #[error("background load of {what} failed: {reason}")]
+    Background { what: String, reason: String },
     /// The async runtime could not be started.
     #[error("cannot start the data runtime: {0}")]
     Runtime(#[source] std::io::Error),

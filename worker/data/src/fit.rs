@@ -6,6 +6,12 @@
 //! maps onto the crop: resizing the whole image to the resized size and then cropping computes
 //! the same pixels (the convolution of each output pixel reads the same source pixels, edge
 //! clamping aside), but costs the whole resized area.
+//!
+//! The source may have been decoded at a reduced scale (libjpeg-turbo's DCT-domain
+//! downscaling, [`crate::decode::DecodedImage`]): the geometry and the crop box are always those
+//! of the full-resolution image, and the box is mapped into the reduced image by the decode
+//! scale (a reduced pixel `i` covers full-resolution pixels `[i / s, (i + 1) / s)`), so the
+//! output geometry is the same whichever scale was decoded.
 
 use std::cell::RefCell;
 
@@ -13,35 +19,45 @@ use arbor_common::crop::{CoverGeometry, CropOffset};
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
-use crate::decode::RgbImage;
+use crate::decode::DecodedImage;
 
 thread_local! {
     static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
 }
 
-/// Resizes and crops `image` into `bucket_width x bucket_height` RGB8 bytes.
+/// Resizes and crops `decoded` into `bucket_width x bucket_height` RGB8 bytes; `geometry` is
+/// the cover geometry of its full-resolution size.
 pub fn fit_rgb8(
-    image: &RgbImage,
+    decoded: &DecodedImage,
     geometry: &CoverGeometry,
     offset: CropOffset,
     bucket_width: u32,
     bucket_height: u32,
 ) -> Result<Vec<u8>, String> {
+    let image = &decoded.image;
     let (width, height) = (image.width, image.height);
-    if geometry.resized_width == width && geometry.resized_height == height {
+    if decoded.scale.is_full()
+        && geometry.resized_width == width
+        && geometry.resized_height == height
+    {
         return Ok(copy_crop(image, offset, bucket_width, bucket_height));
     }
     let source = ImageRef::new(width, height, &image.pixels, PixelType::U8x3)
         .map_err(|error| format!("invalid source buffer: {error}"))?;
     let mut destination = Image::new(bucket_width, bucket_height, PixelType::U8x3);
-    let (left, top, crop_width, crop_height) = source_crop_box(
-        image.width,
-        image.height,
+    let (full_left, full_top, full_crop_width, full_crop_height) = source_crop_box(
+        decoded.full_width,
+        decoded.full_height,
         geometry,
         offset,
         bucket_width,
         bucket_height,
     );
+    let scale = decoded.scale.as_f64();
+    let left = full_left * scale;
+    let top = full_top * scale;
+    let crop_width = (full_crop_width * scale).min(f64::from(width) - left);
+    let crop_height = (full_crop_height * scale).min(f64::from(height) - top);
     let options = ResizeOptions::new()
         .resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3))
         .crop(left, top, crop_width, crop_height);
@@ -78,7 +94,7 @@ pub fn source_crop_box(
 }
 
 fn copy_crop(
-    image: &RgbImage,
+    image: &crate::decode::RgbImage,
     offset: CropOffset,
     bucket_width: u32,
     bucket_height: u32,
@@ -94,36 +110,46 @@ fn copy_crop(
 
 /// Writes interleaved RGB8 as planar f32 CHW in [-1, 1] (`v / 127.5 - 1`) into `out`, which
 /// holds `3 * width * height` values.
+/// The values come from a 256-entry table (the same `v / 127.5 - 1` values, bit for bit),
+/// which turns the per-value divide into one load.
 pub fn rgb8_to_chw_f32(rgb: &[u8], out: &mut [f32]) {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| std::array::from_fn(|value| value as f32 / 127.5 - 1.0));
     let plane = rgb.len() / 3;
     let (red, rest) = out.split_at_mut(plane);
     let (green, blue) = rest.split_at_mut(plane);
-    for (index, pixel) in rgb.chunks_exact(3).enumerate() {
-        red[index] = f32::from(pixel[0]) / 127.5 - 1.0;
-        green[index] = f32::from(pixel[1]) / 127.5 - 1.0;
-        blue[index] = f32::from(pixel[2]) / 127.5 - 1.0;
+    for (((pixel, red), green), blue) in rgb
+        .chunks_exact(3)
+        .zip(red.iter_mut())
+        .zip(green.iter_mut())
+        .zip(blue.iter_mut())
+    {
+        *red = table[usize::from(pixel[0])];
+        *green = table[usize::from(pixel[1])];
+        *blue = table[usize::from(pixel[2])];
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::RgbImage;
     use arbor_common::crop::cover_geometry;
     use image::metadata::Orientation;
 
-    fn gradient(width: u32, height: u32) -> RgbImage {
+    fn gradient(width: u32, height: u32) -> DecodedImage {
         let mut pixels = Vec::new();
         for y in 0..height {
             for x in 0..width {
                 pixels.extend_from_slice(&[(x % 256) as u8, (y % 256) as u8, 7]);
             }
         }
-        RgbImage {
+        DecodedImage::full(RgbImage {
             width,
             height,
             pixels,
             orientation: Orientation::NoTransforms,
-        }
+        })
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`indexer`] walks a dataset root and produces manifest records: [`item_id`] gives each file a
 //!   stable id, [`image_header`] reads sizes from headers only (EXIF orientation applied),
 //!   [`caption`] reads sidecar captions, and [`skip_reason`] names every file that was not used.
-//! - [`batch_loader`] fetches, decodes ([`decode`]), fits ([`fit`]) and assembles batches of
+//! - [`batch_loader`] fetches, decodes ([`decode`]; JPEGs through libjpeg-turbo, [`turbojpeg`],
+//!   downscaled in the DCT domain when the bucket allows), fits ([`fit`]) and assembles batches of
 //!   f32 CHW pixels in [-1, 1] with per-item crop metadata; [`prefetcher`] runs it ahead of the
 //!   consumer on a worker pool.
 
@@ -14,6 +15,7 @@ pub mod caption;
 pub mod contact_sheet;
 pub mod decode;
 pub mod error;
+pub mod exif_orientation;
 pub mod fit;
 pub mod image_header;
 pub mod indexer;
@@ -21,5 +23,6 @@ pub mod item_id;
 pub mod prefetcher;
 pub mod skip_reason;
 pub mod store;
+pub mod turbojpeg;
 
 pub use error::DataError;
