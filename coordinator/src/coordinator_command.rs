@@ -11,12 +11,13 @@ use tokio::sync::watch;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::{error, info};
 
-use crate::dataset::Dataset;
+use crate::dataset::{split_object_url, Dataset};
 use crate::job_config::{job_token, local_path, ConfigFlags};
 use crate::server::auth::TokenCheck;
 use crate::server::job_state::JobState;
 use crate::server::membership::{Membership, Phase};
 use crate::server::metrics::Metrics;
+use crate::server::run_store::open_run_store;
 use crate::server::service::{CoordinatorService, Shared};
 
 #[derive(Debug, Args)]
@@ -37,24 +38,34 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
     let config = Arc::new(args.config.load()?);
     let base = args.config.base_dir();
     let token = job_token(&config, &base)?;
-    let run_dir = local_path(&config.job.run_dir, &base, "job.run_dir")?;
-    let manifest = local_path(&config.data.manifest, &base, "data.manifest")?;
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("creating run_dir {}", run_dir.display()))?;
-    let dataset = Arc::new(Dataset::load(&manifest, &config)?);
+    let run_store = open_run_store(&config.job.run_dir, &base)?;
+    let run_dir = run_store.location();
+    let manifest_is_remote = is_remote(&config.data.manifest);
+    let manifest = if manifest_is_remote {
+        config.data.manifest.clone()
+    } else {
+        local_path(&config.data.manifest, &base, "data.manifest")?
+            .display()
+            .to_string()
+    };
+    let dataset = Arc::new(if manifest_is_remote {
+        Dataset::load_url(&manifest, &config)?
+    } else {
+        Dataset::load(std::path::Path::new(&manifest), &config)?
+    });
 
-    let state = match JobState::load(&run_dir)? {
+    let state = match JobState::load(run_store.as_ref())? {
         Some(state) => {
             if state.manifest_digest != dataset.digest {
                 bail!(
                     "the manifest changed under the job in {}: digest {} != {} recorded; use a new run_dir",
-                    run_dir.display(), dataset.digest, state.manifest_digest
+                    run_dir, dataset.digest, state.manifest_digest
                 );
             }
             if state.config_digest != config.digest() {
                 bail!(
                     "the config changed under the job in {}: digest {} != {} recorded (see {}/job.toml); use a new run_dir",
-                    run_dir.display(), config.digest(), state.config_digest, run_dir.display()
+                    run_dir, config.digest(), state.config_digest, run_dir
                 );
             }
             info!(
@@ -67,8 +78,8 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
         }
         None => {
             let state = JobState::new(&config.job.name, &dataset.digest, &config.digest());
-            state.save(&run_dir)?;
-            std::fs::write(run_dir.join("job.toml"), config.to_toml())?;
+            state.save(run_store.as_ref())?;
+            run_store.write("job.toml", config.to_toml().as_bytes())?;
             state
         }
     };
@@ -77,21 +88,23 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
     let membership = Membership::new(
         config.clone(),
         dataset.clone(),
-        run_dir.clone(),
+        run_store.clone(),
         metrics.clone(),
         state,
     )?;
     // Workers may run elsewhere: send them absolute paths.
     let mut worker_config = (*config).clone();
-    worker_config.data.manifest = manifest.display().to_string();
+    worker_config.data.manifest = manifest.clone();
     worker_config.data.root = Some(match &config.data.root {
+        Some(root) if is_remote(root) => root.clone(),
         Some(root) => local_path(root, &base, "data.root")?.display().to_string(),
-        None => manifest
+        None if manifest_is_remote => split_object_url(&manifest)?.0.to_string(),
+        None => std::path::Path::new(&manifest)
             .parent()
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
     });
-    worker_config.job.run_dir = run_dir.display().to_string();
+    worker_config.job.run_dir = run_dir.clone();
     let (changed, _) = watch::channel(0u64);
     let shared = Arc::new(Shared {
         membership: Mutex::new(membership),
@@ -154,7 +167,7 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding cluster.listen {listen}"))?;
-    info!(listen = %listener.local_addr()?, metrics = %metrics_listen, run_dir = %run_dir.display(), "coordinator serving");
+    info!(listen = %listener.local_addr()?, metrics = %metrics_listen, run_dir = %run_dir, "coordinator serving");
     let mut shutdown_wait = shutdown.clone();
     builder
         .add_service(service)
@@ -173,7 +186,7 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
         .unwrap_or(Phase::Forming);
     match phase {
         Phase::Finished => {
-            info!(run_dir = %run_dir.display(), "job finished");
+            info!(run_dir = %run_dir, "job finished");
             Ok(std::process::ExitCode::SUCCESS)
         }
         Phase::Failed(reason) => {
@@ -183,7 +196,7 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
         _ => {
             info!(
                 "coordinator stopped; the job resumes from {} when restarted",
-                run_dir.display()
+                run_dir
             );
             Ok(std::process::ExitCode::from(130))
         }
@@ -295,4 +308,9 @@ async fn serve_http(
             let _ = shutdown.wait_for(|stop| *stop).await;
         })
         .await;
+}
+
+/// Whether a config value is an object-store URL (`file://` counts as local).
+fn is_remote(value: &str) -> bool {
+    value.contains("://") && !value.starts_with("file://")
 }

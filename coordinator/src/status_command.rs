@@ -18,6 +18,9 @@ pub struct StatusArgs {
     coordinator: String,
     #[command(flatten)]
     token: TokenFlags,
+    /// PEM CA certificate to verify a TLS coordinator (`https://host:port`).
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
@@ -28,8 +31,14 @@ pub fn run(args: StatusArgs) -> anyhow::Result<std::process::ExitCode> {
         .enable_all()
         .build()?;
     let token = args.token.token()?;
+    let tls_ca_pem = match &args.tls_ca {
+        Some(path) => Some(
+            std::fs::read(path).with_context(|| format!("reading --tls-ca {}", path.display()))?,
+        ),
+        None => None,
+    };
     let reply = runtime.block_on(async {
-        let mut client = connect(&args.coordinator, &token, None)?;
+        let mut client = connect(&args.coordinator, &token, tls_ca_pem)?;
         let reply = tokio::time::timeout(Duration::from_secs(10), client.status(StatusRequest {}))
             .await
             .context("the coordinator did not answer within 10s")?

@@ -1,12 +1,13 @@
 //! The coordinator's persisted job state, `run_dir/state.json` (DESIGN §6, §7).
 //!
-//! Written atomically (a temporary file renamed over the old one) whenever it changes, so a
-//! restarted coordinator picks the job up where the last complete checkpoint left it.
-
-use std::path::{Path, PathBuf};
+//! Written atomically (a temporary file renamed over the old one, or an object-store put)
+//! whenever it changes, so a restarted coordinator picks the job up where the last complete
+//! checkpoint left it.
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+
+use super::run_store::RunStore;
 
 /// One plan of the current epoch: the first (segment 0) or an elastic re-shard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,40 +69,22 @@ impl JobState {
         }
     }
 
-    pub fn path(run_dir: &Path) -> PathBuf {
-        run_dir.join("state.json")
-    }
+    pub const KEY: &'static str = "state.json";
 
     /// The persisted state, if the run directory has one.
-    pub fn load(run_dir: &Path) -> anyhow::Result<Option<Self>> {
-        let path = Self::path(run_dir);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+    pub fn load(run_store: &dyn RunStore) -> anyhow::Result<Option<Self>> {
+        let Some(bytes) = run_store.read(Self::KEY)? else {
+            return Ok(None);
         };
-        let state =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let state = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing {}/{}", run_store.location(), Self::KEY))?;
         Ok(Some(state))
     }
 
-    pub fn save(&self, run_dir: &Path) -> anyhow::Result<()> {
+    /// Makes the ledger's appends durable, then replaces the state atomically.
+    pub fn save(&self, run_store: &dyn RunStore) -> anyhow::Result<()> {
+        run_store.flush()?;
         let text = serde_json::to_string_pretty(self)?;
-        write_atomically(&Self::path(run_dir), text.as_bytes())
+        run_store.write(Self::KEY, text.as_bytes())
     }
-}
-
-/// Writes `bytes` to a temporary sibling, syncs it and renames it over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let parent = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let temporary = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&temporary)
-        .with_context(|| format!("creating {}", temporary.display()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)
-        .with_context(|| format!("renaming {} to {}", temporary.display(), path.display()))?;
-    Ok(())
 }

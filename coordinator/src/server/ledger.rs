@@ -5,11 +5,11 @@
 //! checkable by anyone from these files alone.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
+
+use super::run_store::RunStore;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerLine {
@@ -24,36 +24,36 @@ pub struct LedgerLine {
 
 /// The ledger of one epoch, with an index of the batches that stand (not rolled back).
 pub struct EpochLedger {
-    path: PathBuf,
+    run_store: Arc<dyn RunStore>,
+    key: String,
     standing: HashMap<(u64, u32), BTreeSet<u64>>,
 }
 
 impl EpochLedger {
-    pub fn path(run_dir: &Path, epoch: u64) -> PathBuf {
-        run_dir.join("ledger").join(format!("epoch-{epoch}.jsonl"))
+    pub fn key(epoch: u64) -> String {
+        format!("ledger/epoch-{epoch}.jsonl")
     }
 
     /// Opens (and indexes) the ledger of `epoch`, creating nothing until the first append.
-    pub fn open(run_dir: &Path, epoch: u64) -> anyhow::Result<Self> {
-        let path = Self::path(run_dir, epoch);
+    pub fn open(run_store: Arc<dyn RunStore>, epoch: u64) -> anyhow::Result<Self> {
+        let key = Self::key(epoch);
+        let bytes = run_store.read(&key)?;
         let mut ledger = Self {
-            path,
+            run_store,
+            key,
             standing: HashMap::new(),
         };
-        let text = match std::fs::read_to_string(&ledger.path) {
-            Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(ledger),
-            Err(error) => {
-                return Err(error).with_context(|| format!("reading {}", ledger.path.display()))
-            }
+        let Some(bytes) = bytes else {
+            return Ok(ledger);
         };
+        let text = String::from_utf8_lossy(&bytes);
         for (index, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
             // A line cut by a crash mid-write is the only one that can be partial: the last.
             let Ok(entry) = serde_json::from_str::<LedgerLine>(line) else {
-                tracing::warn!(ledger = %ledger.path.display(), line = index + 1, "unreadable ledger line ignored");
+                tracing::warn!(ledger = %ledger.key, line = index + 1, "unreadable ledger line ignored");
                 continue;
             };
             ledger.index(&entry);
@@ -80,26 +80,18 @@ impl EpochLedger {
             .is_some_and(|batches| batches.contains(&batch))
     }
 
-    /// Appends lines and flushes them to disk.
+    /// Appends lines (durable at once on a local run directory, at the next flush of an
+    /// object-store one).
     pub fn append(&mut self, entries: &[LedgerLine]) -> anyhow::Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
-        if let Some(parent) = self.path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .with_context(|| format!("opening {}", self.path.display()))?;
         let mut text = String::new();
         for entry in entries {
             text.push_str(&serde_json::to_string(entry)?);
             text.push('\n');
         }
-        file.write_all(text.as_bytes())?;
-        file.sync_data()?;
+        self.run_store.append(&self.key, text.as_bytes())?;
         for entry in entries {
             self.index(entry);
         }
@@ -136,11 +128,13 @@ impl EpochLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::run_store::LocalRunStore;
 
     #[test]
     fn rollbacks_remove_batches_and_survive_reopening() {
         let directory = tempfile::tempdir().unwrap();
-        let mut ledger = EpochLedger::open(directory.path(), 3).unwrap();
+        let run_store: Arc<dyn RunStore> = Arc::new(LocalRunStore::new(directory.path().into()));
+        let mut ledger = EpochLedger::open(run_store.clone(), 3).unwrap();
         let line = |generation, rank, batch| LedgerLine {
             generation,
             rank,
@@ -159,9 +153,9 @@ mod tests {
             .unwrap();
         assert_eq!(ledger.roll_back_from(&[1], 1).unwrap(), 3);
         assert!(ledger.contains(1, 0, 0) && !ledger.contains(1, 1, 2));
-        let reopened = EpochLedger::open(directory.path(), 3).unwrap();
+        let reopened = EpochLedger::open(run_store, 3).unwrap();
         assert!(reopened.contains(1, 1, 0) && !reopened.contains(1, 0, 1));
-        let text = std::fs::read_to_string(EpochLedger::path(directory.path(), 3)).unwrap();
+        let text = std::fs::read_to_string(directory.path().join(EpochLedger::key(3))).unwrap();
         assert!(text
             .lines()
             .last()

@@ -5,7 +5,6 @@
 //! liveness ticker call into it and never hold the lock across an await.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,9 +18,10 @@ use arbor_proto::v1::{
 use tonic::Status;
 use tracing::{info, warn};
 
-use super::job_state::{write_atomically, CheckpointRecord, JobState, SegmentRecord};
+use super::job_state::{CheckpointRecord, JobState, SegmentRecord};
 use super::ledger::{EpochLedger, LedgerLine};
 use super::metrics::Metrics;
+use super::run_store::RunStore;
 use crate::dataset::Dataset;
 
 const RECENT_EVENTS: usize = 64;
@@ -62,7 +62,7 @@ struct WorkerEntry {
 pub struct Membership {
     config: Arc<JobConfig>,
     dataset: Arc<Dataset>,
-    run_dir: PathBuf,
+    run_store: Arc<dyn RunStore>,
     metrics: Metrics,
     state: JobState,
     phase: Phase,
@@ -90,11 +90,11 @@ impl Membership {
     pub fn new(
         config: Arc<JobConfig>,
         dataset: Arc<Dataset>,
-        run_dir: PathBuf,
+        run_store: Arc<dyn RunStore>,
         metrics: Metrics,
         state: JobState,
     ) -> anyhow::Result<Self> {
-        let ledger = EpochLedger::open(&run_dir, state.epoch)?;
+        let ledger = EpochLedger::open(run_store.clone(), state.epoch)?;
         let now = Instant::now();
         let phase = if state.finished {
             Phase::Finished
@@ -104,7 +104,7 @@ impl Membership {
         let mut membership = Self {
             config,
             dataset,
-            run_dir,
+            run_store,
             metrics,
             state,
             phase,
@@ -140,7 +140,7 @@ impl Membership {
     }
 
     fn persist(&self) -> anyhow::Result<()> {
-        self.state.save(&self.run_dir)
+        self.state.save(self.run_store.as_ref())
     }
 
     fn update_gauges(&self) {
@@ -462,7 +462,8 @@ impl Membership {
             self.state.epoch, self.resume_batch
         ));
         self.persist()?;
-        std::fs::write(self.run_dir.join("job.toml"), self.config.to_toml())
+        self.run_store
+            .write("job.toml", self.config.to_toml().as_bytes())
             .context("writing run_dir/job.toml")?;
         Ok(())
     }
@@ -643,12 +644,13 @@ impl Membership {
             generation: request.generation,
             path: path.clone(),
         };
-        let directory = self.run_dir.join(&path);
-        write_atomically(
-            &directory.join("coordinator.json"),
+        // The ledger must hold every batch the checkpoint covers before it is complete.
+        self.run_store.flush()?;
+        self.run_store.write(
+            &format!("{path}/coordinator.json"),
             serde_json::to_string_pretty(&record)?.as_bytes(),
         )?;
-        write_atomically(&directory.join("COMPLETE"), b"")?;
+        self.run_store.write(&format!("{path}/COMPLETE"), b"")?;
         if let Some(current) = self.state.segments.last_mut() {
             current.checkpoint_batch = request.batch;
         }
@@ -669,7 +671,7 @@ impl Membership {
                 generations: vec![self.state.generation],
             }];
             self.resume_batch = 0;
-            self.ledger = EpochLedger::open(&self.run_dir, self.state.epoch)?;
+            self.ledger = EpochLedger::open(self.run_store.clone(), self.state.epoch)?;
             self.checkpoint_reports.clear();
             self.plan = Some(Arc::new(self.rebuild_plan()?));
         }

@@ -1,0 +1,209 @@
+//! A whole dry-run job with its manifest, its images and its run directory in S3: a moto
+//! server from PyPI (`moto[server]`, installed by scripts/setup.sh) on loopback, with the
+//! credentials and endpoint in the usual `AWS_*` environment variables. The state, job.toml,
+//! checkpoint markers and ledgers land in the bucket, and a restarted coordinator resumes the
+//! finished job from there instead of starting over.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arbor_data::store::DatasetStore;
+use object_store::PutPayload;
+use support::{parse_ledger, trained_items, Job, JobSpec};
+
+const BUCKET: &str = "arbor-runs";
+
+struct MotoServer {
+    child: Child,
+    port: u16,
+}
+
+impl MotoServer {
+    fn start() -> Self {
+        let port = support::free_port();
+        let moto = repo_root().join(".venv/bin/moto_server");
+        assert!(
+            moto.exists(),
+            "{} is missing: run scripts/setup.sh",
+            moto.display()
+        );
+        let child = Command::new(moto)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting moto_server");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not listen");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            stream,
+            "PUT /{BUCKET} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        Self { child, port }
+    }
+
+    /// The environment every process of the job gets.
+    fn environment(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+            ("AWS_ACCESS_KEY_ID", "testing".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_string(), value))
+        .collect()
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Object-store calls with the job's environment applied as store options.
+struct Bucket {
+    store: DatasetStore,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Bucket {
+    fn open(server: &MotoServer, prefix: &str) -> Self {
+        let options = server
+            .environment()
+            .into_iter()
+            .map(|(key, value)| (key.to_lowercase(), value));
+        let store =
+            DatasetStore::open_with_options(&format!("s3://{BUCKET}/{prefix}"), options).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Self { store, runtime }
+    }
+
+    fn upload_folder(&self, folder: &Path) {
+        let mut pending = vec![folder.to_path_buf()];
+        while let Some(directory) = pending.pop() {
+            for entry in std::fs::read_dir(&directory).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    pending.push(path);
+                    continue;
+                }
+                let key = path.strip_prefix(folder).unwrap().to_str().unwrap();
+                let payload = PutPayload::from(std::fs::read(&path).unwrap());
+                self.runtime
+                    .block_on(
+                        self.store
+                            .object_store()
+                            .put(&self.store.object_path(key), payload),
+                    )
+                    .unwrap();
+            }
+        }
+    }
+
+    fn text(&self, key: &str) -> Option<String> {
+        let bytes = self.runtime.block_on(self.store.get(key)).ok()?;
+        Some(String::from_utf8(bytes.to_vec()).unwrap())
+    }
+}
+
+#[test]
+fn a_job_runs_with_its_manifest_images_and_run_directory_in_s3() {
+    let server = MotoServer::start();
+    let mut job = Job::new(&JobSpec {
+        items: 60,
+        epochs: 2,
+        min_workers: 2,
+        max_workers: 2,
+        checkpoint_every: 3,
+        real_images: true,
+        ..JobSpec::default()
+    });
+    job.env = server.environment();
+    Bucket::open(&server, "data").upload_folder(&job.path().join("data"));
+    std::fs::remove_dir_all(job.path().join("data")).unwrap();
+    let config_path = job.path().join("job.toml");
+    let config = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace(
+            "manifest = \"data/manifest.jsonl\"",
+            &format!("manifest = \"s3://{BUCKET}/data/manifest.jsonl\""),
+        )
+        .replace(
+            "run_dir = \"run\"",
+            &format!("run_dir = \"s3://{BUCKET}/runs/test\""),
+        );
+    std::fs::write(&config_path, config).unwrap();
+
+    job.start_coordinator();
+    job.start_worker(0, 0);
+    job.start_worker(1, 0);
+    assert!(
+        job.wait_coordinator(Duration::from_secs(120)),
+        "{}\n{}",
+        job.coordinator_log(),
+        job.worker_log(0)
+    );
+    assert!(!job.run_dir().exists(), "nothing is written locally");
+
+    let run = Bucket::open(&server, "runs/test");
+    let state: serde_json::Value = serde_json::from_str(&run.text("state.json").unwrap()).unwrap();
+    assert_eq!(state["finished"], true, "{state}");
+    assert_eq!(state["epoch"], 2);
+    let checkpoint = state["last_checkpoint"]["path"].as_str().unwrap();
+    assert!(run.text(&format!("{checkpoint}/COMPLETE")).is_some());
+    assert!(run.text("job.toml").unwrap().contains("[schedule]"));
+    // 60 items, one pruned panorama: 59 kept, trimmed to 56 for 2 ranks × bsz 4.
+    for epoch in 0..2 {
+        let lines = parse_ledger(&run.text(&format!("ledger/epoch-{epoch}.jsonl")).unwrap());
+        let trained = trained_items(&lines);
+        assert_eq!(trained.len(), 56, "epoch {epoch}");
+        assert!(trained.values().all(|&count| count == 1), "epoch {epoch}");
+    }
+    for rank in 0..2 {
+        let log = job.worker_log(rank);
+        let finished = log
+            .lines()
+            .find(|line| line.contains("dry run finished"))
+            .unwrap_or_else(|| panic!("{log}"));
+        assert!(
+            finished.contains("failed=0"),
+            "images load from S3: {finished}"
+        );
+    }
+
+    // A restarted coordinator reads the finished state back from the bucket.
+    job.start_coordinator();
+    assert!(job.wait_coordinator(Duration::from_secs(30)));
+    assert!(
+        job.coordinator_log().contains("resuming job state"),
+        "{}",
+        job.coordinator_log()
+    );
+}
