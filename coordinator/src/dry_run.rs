@@ -1,14 +1,17 @@
 //! The dry run's trainer: no model; every batch is fetched, decoded, cover-resized and cropped
 //! by the worker's real batch loader (`arbor-data`), so a user validates the data and measures
 //! loading throughput per rank before spending GPU hours. Items that fail to load are reported
-//! with their id and key and counted; they never stop the job.
+//! with their id and key and counted; they never stop the job. As in training, the batches the
+//! runtime announces (`data.prefetch_batches`) load in the background, so the reported data wait
+//! is what a GPU step of `--simulate-step-ms` would see.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use arbor_common::config::JobConfig;
-use arbor_data::batch_loader::{BatchLoader, BatchRequest, LoadItem, LoaderOptions};
+use arbor_data::batch_loader::{BatchLoader, LoaderOptions};
 use arbor_data::store::DatasetStore;
+use arbor_runtime::batch_fetch::BatchFetcher;
 use arbor_runtime::trainer::{Batch, BatchOutcome, GroupInfo, Trainer};
 use tracing::{info, warn};
 
@@ -16,28 +19,21 @@ pub struct DryRunTrainer {
     data_root: Option<PathBuf>,
     simulated_step: Duration,
     rank: u32,
-    seed: u64,
-    loader: Option<BatchLoader>,
-    runtime: tokio::runtime::Runtime,
+    fetcher: Option<BatchFetcher>,
     items: u64,
     failed: u64,
+    /// Seconds `train_batch` waited for its batch (what prefetching did not hide).
     load_seconds: f64,
     started: Option<Instant>,
 }
 
 impl DryRunTrainer {
     pub fn new(data_root: Option<PathBuf>, simulated_step: Duration) -> Result<Self, String> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(|error| format!("starting the loader runtime: {error}"))?;
         Ok(Self {
             data_root,
             simulated_step,
             rank: 0,
-            seed: 0,
-            loader: None,
-            runtime,
+            fetcher: None,
             items: 0,
             failed: 0,
             load_seconds: 0.0,
@@ -48,15 +44,9 @@ impl DryRunTrainer {
     /// The dataset root: `--data-root`, else the job's `data.root` (the coordinator resolves it
     /// to the manifest's folder when unset).
     fn root(&self, config: &JobConfig) -> String {
-        if let Some(root) = &self.data_root {
-            return root.display().to_string();
-        }
-        match &config.data.root {
-            Some(root) => root.clone(),
-            None => PathBuf::from(&config.data.manifest)
-                .parent()
-                .map(|parent| parent.display().to_string())
-                .unwrap_or_else(|| ".".to_string()),
+        match &self.data_root {
+            Some(root) => root.display().to_string(),
+            None => config.data.dataset_root(),
         }
     }
 }
@@ -64,14 +54,18 @@ impl DryRunTrainer {
 impl Trainer for DryRunTrainer {
     fn start(&mut self, group: &GroupInfo, config: &JobConfig) -> Result<(), String> {
         self.rank = group.rank;
-        self.seed = config.job.seed;
-        if self.loader.is_none() {
-            let root = self.root(config);
-            let store = DatasetStore::open(&root)
-                .map_err(|error| format!("opening the dataset root {root}: {error}"))?;
-            let loader = BatchLoader::new(store, LoaderOptions::default())
-                .map_err(|error| format!("configuring the loader: {error}"))?;
-            self.loader = Some(loader);
+        match self.fetcher.as_mut() {
+            Some(fetcher) => fetcher.restart(config.job.seed),
+            None => {
+                let root = self.root(config);
+                let store = DatasetStore::open(&root)
+                    .map_err(|error| format!("opening the dataset root {root}: {error}"))?;
+                let loader = BatchLoader::new(store, LoaderOptions::default())
+                    .map_err(|error| format!("configuring the loader: {error}"))?;
+                let fetcher = BatchFetcher::new(loader, config.job.seed)
+                    .map_err(|error| format!("starting the loader: {error}"))?;
+                self.fetcher = Some(fetcher);
+            }
         }
         self.started.get_or_insert_with(Instant::now);
         info!(
@@ -83,26 +77,17 @@ impl Trainer for DryRunTrainer {
         Ok(())
     }
 
+    fn upcoming(&mut self, batches: &[Batch]) {
+        if let Some(fetcher) = self.fetcher.as_mut() {
+            fetcher.announce(batches);
+        }
+    }
+
     fn train_batch(&mut self, batch: &Batch) -> Result<BatchOutcome, String> {
-        let loader = self.loader.as_ref().ok_or("the loader is not started")?;
-        let request = BatchRequest {
-            items: batch
-                .items
-                .iter()
-                .map(|item| LoadItem {
-                    id: item.id,
-                    key: item.key.clone(),
-                })
-                .collect(),
-            bucket_width: batch.resolution.width,
-            bucket_height: batch.resolution.height,
-            seed: self.seed,
-            epoch: batch.epoch,
-        };
+        let fetcher = self.fetcher.as_mut().ok_or("the loader is not started")?;
         let started = Instant::now();
-        let loaded = self
-            .runtime
-            .block_on(loader.load_batch(&request))
+        let loaded = fetcher
+            .load(batch)
             .map_err(|error| format!("loading batch {}: {error}", batch.index))?;
         let load_seconds = started.elapsed().as_secs_f64();
         for failure in &loaded.failures {
@@ -135,16 +120,17 @@ impl Trainer for DryRunTrainer {
             .map_or(0.0, |s| s.elapsed().as_secs_f64())
             .max(1e-9);
         let totals = self
-            .loader
+            .fetcher
             .as_ref()
-            .map(BatchLoader::totals)
+            .map(|fetcher| fetcher.loader().totals())
             .unwrap_or_default();
         info!(
             rank = self.rank,
             items = self.items,
             failed = self.failed,
             items_per_second = self.items as f64 / seconds,
-            loading_items_per_second = self.items as f64 / self.load_seconds.max(1e-9),
+            data_wait_seconds = self.load_seconds,
+            data_wait_fraction = self.load_seconds / seconds,
             mean_cropped_pixels = totals.mean_cropped_pixels(),
             "dry run finished"
         );

@@ -20,7 +20,8 @@ pub struct LaunchArgs {
     /// Local worker processes to start.
     #[arg(long, default_value_t = 2)]
     workers: u32,
-    /// Run the job without a model (`arbor worker --dry-run`); otherwise `arbor-worker` trains.
+    /// Run the job without a model (`arbor worker --dry-run`); otherwise `arbor-worker train`
+    /// (found beside this binary, else on PATH) trains.
     #[arg(long)]
     dry_run: bool,
     /// Extra arguments passed to every worker (repeatable), e.g. `--worker-arg=--data-root=/data`.
@@ -36,6 +37,9 @@ fn signal_all(children: &Mutex<Vec<(String, u32)>>, signal: &str) {
             .status();
     }
 }
+
+/// Seconds workers get to finish (final exports included) after the coordinator ended.
+const WORKER_EXIT_GRACE_S: u64 = 600;
 
 pub fn run(args: LaunchArgs) -> anyhow::Result<std::process::ExitCode> {
     let config = args.config.load()?;
@@ -109,9 +113,8 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<std::process::ExitCode> {
     let mut workers: Vec<(Child, Vec<std::thread::JoinHandle<()>>)> = Vec::new();
     for local_rank in 0..args.workers {
         let mut worker = Command::new(&worker_exe);
-        if args.dry_run {
-            worker.arg("worker");
-        }
+        // `arbor worker --dry-run …` or `arbor-worker train …`: the same worker flags.
+        worker.arg(if args.dry_run { "worker" } else { "train" });
         worker
             .args(["--coordinator", &coordinator_address])
             .args(["--local-rank", &local_rank.to_string()])
@@ -136,8 +139,10 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<std::process::ExitCode> {
     for pump in coordinator_pumps {
         let _ = pump.join();
     }
-    // Workers exit on the coordinator's STOP; give them a moment, then stop the rest.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Workers exit on the coordinator's STOP; rank 0 writes the final exports after it, which
+    // takes a while for a large model. A worker still running after that grace period is
+    // stopped and counted as failed.
+    let deadline = Instant::now() + Duration::from_secs(WORKER_EXIT_GRACE_S);
     let mut worker_failures = 0;
     for (index, (mut child, pumps)) in workers.into_iter().enumerate() {
         loop {
@@ -150,8 +155,10 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<std::process::ExitCode> {
             if Instant::now() > deadline {
                 warn!(
                     worker = index,
+                    grace_s = WORKER_EXIT_GRACE_S,
                     "worker still running after the coordinator ended; stopping it"
                 );
+                worker_failures += 1;
                 let _ = Command::new("kill")
                     .arg("-TERM")
                     .arg(child.id().to_string())

@@ -3,12 +3,15 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod ledger_audit;
+pub use ledger_audit::{parse_ledger, trained_items};
 
 pub const TOKEN: &str = "test-token-0123456789";
 
@@ -20,6 +23,25 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A CA and a server certificate for 127.0.0.1 and localhost signed by it, as PEM files
+/// `ca.pem`, `server.pem` and `server.key` in `folder`.
+pub fn write_tls_files(folder: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    std::fs::create_dir_all(folder).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &ca, &ca_key)
+        .unwrap();
+    std::fs::write(folder.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(folder.join("server.pem"), server.pem()).unwrap();
+    std::fs::write(folder.join("server.key"), server_key.serialize_pem()).unwrap();
+}
+
 pub struct Job {
     pub dir: tempfile::TempDir,
     pub grpc_port: u16,
@@ -27,6 +49,10 @@ pub struct Job {
     pub coordinator: Option<Child>,
     pub workers: Vec<Child>,
     pub items: usize,
+    /// Whether the coordinator serves TLS (with `tls/ca.pem` as the clients' CA).
+    pub tls: bool,
+    /// Environment for every process of the job (object-store credentials, endpoints).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct JobSpec {
@@ -40,6 +66,8 @@ pub struct JobSpec {
     /// Real PNGs (decoded and cropped by the dry run) instead of 1-byte files (which the dry
     /// run reports as failed items without stopping).
     pub real_images: bool,
+    /// Serve gRPC over TLS with a certificate for 127.0.0.1 signed by a generated CA.
+    pub tls: bool,
 }
 
 impl Default for JobSpec {
@@ -53,6 +81,7 @@ impl Default for JobSpec {
             checkpoint_every: 5,
             heartbeat_timeout_s: 2.0,
             real_images: false,
+            tls: false,
         }
     }
 }
@@ -96,6 +125,12 @@ impl Job {
         std::fs::write(data.join("manifest.jsonl"), manifest).unwrap();
         let grpc_port = free_port();
         let metrics_port = free_port();
+        let tls_lines = if spec.tls {
+            write_tls_files(&dir.path().join("tls"));
+            "tls_cert = \"tls/server.pem\"\ntls_key = \"tls/server.key\"\n"
+        } else {
+            ""
+        };
         let config = format!(
             r#"[job]
 name = "test"
@@ -118,7 +153,7 @@ max_workers = {max_workers}
 join_timeout_s = 60
 heartbeat_interval_s = 0.25
 heartbeat_timeout_s = {heartbeat_timeout_s}
-"#,
+{tls_lines}"#,
             bsz = spec.bsz,
             epochs = spec.epochs,
             checkpoint_every = spec.checkpoint_every,
@@ -134,6 +169,8 @@ heartbeat_timeout_s = {heartbeat_timeout_s}
             coordinator: None,
             workers: Vec::new(),
             items: spec.items,
+            tls: spec.tls,
+            env: Vec::new(),
         }
     }
 
@@ -146,7 +183,15 @@ heartbeat_timeout_s = {heartbeat_timeout_s}
     }
 
     pub fn address(&self) -> String {
+        if self.tls {
+            return format!("https://127.0.0.1:{}", self.grpc_port);
+        }
         format!("127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// The CA certificate of a TLS job.
+    pub fn tls_ca(&self) -> PathBuf {
+        self.path().join("tls").join("ca.pem")
     }
 
     fn log(&self, name: &str) -> std::fs::File {
@@ -163,6 +208,7 @@ heartbeat_timeout_s = {heartbeat_timeout_s}
             .arg(self.path().join("job.toml"))
             .env("ARBOR_TOKEN", TOKEN)
             .env("ARBOR_LOG", "info")
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(self.log("coordinator"))
             .spawn()
@@ -176,7 +222,13 @@ heartbeat_timeout_s = {heartbeat_timeout_s}
             .args(["--local-rank", &local_rank.to_string(), "--node", "n0"])
             .args(["--simulate-step-ms", &simulate_step_ms.to_string()])
             .args(["--connect-timeout-s", "60"])
+            .args(if self.tls {
+                vec!["--tls-ca".to_string(), self.tls_ca().display().to_string()]
+            } else {
+                Vec::new()
+            })
             .env("ARBOR_TOKEN", TOKEN)
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(self.log(&format!("worker-{local_rank}")))
             .spawn()
@@ -221,48 +273,13 @@ heartbeat_timeout_s = {heartbeat_timeout_s}
             .run_dir()
             .join("ledger")
             .join(format!("epoch-{epoch}.jsonl"));
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
+        parse_ledger(&std::fs::read_to_string(path).unwrap_or_default())
     }
 
     /// Item ids of every batch that stands (not rolled back) in the epoch's ledger, with the
     /// number of times each was trained.
     pub fn trained_items(&self, epoch: u64) -> HashMap<u64, u32> {
-        let mut batches: BTreeMap<(u64, u64, u64), Vec<u64>> = BTreeMap::new();
-        for line in self.ledger_lines(epoch) {
-            let key = (
-                line["generation"].as_u64().unwrap(),
-                line["rank"].as_u64().unwrap(),
-                line["batch"].as_u64().unwrap(),
-            );
-            if line["rolled_back"].as_bool() == Some(true) {
-                assert!(
-                    batches.remove(&key).is_some(),
-                    "rollback of an unknown batch {key:?}"
-                );
-            } else {
-                let items = line["items"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_u64().unwrap())
-                    .collect();
-                assert!(
-                    batches.insert(key, items).is_none(),
-                    "batch {key:?} recorded twice"
-                );
-            }
-        }
-        let mut counts = HashMap::new();
-        for items in batches.values() {
-            for &id in items {
-                *counts.entry(id).or_insert(0) += 1;
-            }
-        }
-        counts
+        trained_items(&self.ledger_lines(epoch))
     }
 
     /// Kept item ids (not pruned) of the generated dataset.

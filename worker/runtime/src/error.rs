@@ -25,4 +25,10 @@ pub enum RuntimeError {
     Trainer(String),
     #[error("invalid token: {0}")]
     Token(String),
+    #[error("flag `{flag}`: {message}")]
+    Flag { flag: &'static str, message: String },
+    #[error("starting {command}: {message}")]
+    Spawn { command: String, message: String },
+    #[error("{0}")]
+    LocalRanks(String),
 }

@@ -4,12 +4,15 @@
 //! the per-rank sampler of `arbor-common`, drives a [`trainer::Trainer`] batch by batch,
 //! heartbeats ([`heartbeat`]), checkpoints, and re-joins on a regroup. The GPU worker
 //! (`arbor-worker`) plugs its model in as a trainer; `--dry-run` plugs in a trainer that only
-//! loads and crops the images.
+//! loads and crops the images. Both load through [`batch_fetch`], which loads announced batches
+//! ahead of the step.
 
+pub mod batch_fetch;
 pub mod client;
 pub mod error;
 pub mod heartbeat;
 pub mod runtime;
 pub mod trainer;
+pub mod worker_args;
 
 pub use error::RuntimeError;

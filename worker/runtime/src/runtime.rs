@@ -1,6 +1,7 @@
 //! The worker's main loop: join → shard → sample → train → heartbeat → checkpoint, and back
 //! to join on a regroup (DESIGN §1 steps 3–6).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use arbor_common::assign::BucketedItems;
@@ -414,21 +415,36 @@ fn train_epochs(
             )?;
         }
         let mut last_batch_end = Instant::now();
-        while let Some(batch_ref) = sampler.next_batch() {
+        // The batch due now plus `prefetch_batches` drawn ahead, which the trainer may load
+        // while this one trains.
+        let lookahead = config.data.prefetch_batches as usize;
+        let mut pending: VecDeque<Batch> = VecDeque::with_capacity(lookahead + 1);
+        loop {
             if let Some(end) = obey(progress) {
                 return Ok(end);
             }
-            let batch = Batch {
-                epoch,
-                index: batch_ref.index,
-                bucket: batch_ref.bucket,
-                resolution: batch_ref.resolution,
-                items: batch_ref
-                    .positions
-                    .iter()
-                    .map(|&p| shard.items[p as usize].clone())
-                    .collect(),
+            while pending.len() <= lookahead {
+                let Some(batch_ref) = sampler.next_batch() else {
+                    break;
+                };
+                pending.push_back(Batch {
+                    epoch,
+                    index: batch_ref.index,
+                    bucket: batch_ref.bucket,
+                    resolution: batch_ref.resolution,
+                    items: batch_ref
+                        .positions
+                        .iter()
+                        .map(|&p| shard.items[p as usize].clone())
+                        .collect(),
+                });
+            }
+            let Some(batch) = pending.pop_front() else {
+                break;
             };
+            if lookahead > 0 {
+                trainer.upcoming(pending.make_contiguous());
+            }
             let outcome = match trainer.train_batch(&batch) {
                 Ok(outcome) => outcome,
                 Err(error) => {
