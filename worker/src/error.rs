@@ -50,6 +50,18 @@ pub enum WorkerError {
     Input { name: String, message: String },
     #[error("hypernetwork {item}: {message}")]
     Hypernetwork { item: String, message: String },
+    #[error("run directory {location}: `{key}`: {message}")]
+    RunDir {
+        location: String,
+        key: String,
+        message: String,
+    },
+    #[error("collective: {0}")]
+    Collective(#[from] arbor_c10d::C10dError),
+    #[error("data: {0}")]
+    Data(#[from] arbor_data::DataError),
+    #[error("training: {0}")]
+    Training(String),
 }
 
 impl WorkerError {

@@ -14,6 +14,7 @@ pub mod prompt;
 pub mod resnet;
 pub mod samplers;
 pub mod tokenizer;
+pub mod train;
 pub mod train_step;
 pub mod unet_2d;
 pub mod unet_blocks;

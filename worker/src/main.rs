@@ -1,18 +1,23 @@
-//! `arbor-worker`: one process per GPU. Subcommands for inspecting prompts and checking models.
+//! `arbor-worker`: one process per GPU. `train` joins a coordinator and trains (the same worker
+//! flags as `arbor worker`); the other subcommands inspect prompts and check or convert models.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use tch::Tensor;
 use tracing::{info, warn};
 
+use arbor_runtime::runtime::run_worker;
+use arbor_runtime::worker_args::{spawn_local_ranks, WorkerArgs};
 use arbor_worker::clip::DEFAULT_CLIP_SKIP;
 use arbor_worker::probe::{run_probe, ProbeOptions};
 use arbor_worker::prompt::{PromptFraming, DEFAULT_MAX_CHUNKS};
 use arbor_worker::tokenizer::ClipTokenizer;
+use arbor_worker::train::trainer::{DeviceChoice, TchTrainer, TrainerOptions};
 use arbor_worker::weights::export::{export_diffusers, export_single_file, NamedTensors};
 use arbor_worker::weights::{Component, ModelSource};
 
@@ -25,6 +30,21 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Joins the coordinator and trains: one process per GPU (or `--nproc N` local ranks).
+    Train {
+        #[command(flatten)]
+        worker: WorkerArgs,
+        /// Where the model runs: `auto` (CUDA when available), `cpu` or `cuda`.
+        #[arg(long, value_enum, default_value_t = DeviceFlag::Auto)]
+        device: DeviceFlag,
+        /// libtorch intra-op threads on the CPU (default: libtorch's choice).
+        #[arg(long)]
+        threads: Option<i32>,
+        /// Bound in seconds on the group rendezvous and every collective (default: four
+        /// heartbeat timeouts, at least 30).
+        #[arg(long)]
+        collective_timeout_s: Option<u64>,
+    },
     /// Tokenizes one prompt per stdin line: token count, ids and the framed 77-token chunks.
     Tokenize {
         /// A diffusers folder (its tokenizer/) or a folder holding the tokenizer files.
@@ -77,15 +97,35 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+/// `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DeviceFlag {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+fn main() -> Result<std::process::ExitCode> {
+    let cli = Cli::parse();
+    // Training reports progress at info; the inspection tools keep stderr quiet.
+    let default_filter = match cli.command {
+        Command::Train { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let outcome = match cli.command {
+        Command::Train {
+            worker,
+            device,
+            threads,
+            collective_timeout_s,
+        } => return train(worker, device, threads, collective_timeout_s),
         Command::Tokenize {
             model,
             max_chunks,
@@ -110,7 +150,63 @@ fn main() -> Result<()> {
             diffusers.as_deref(),
             config.as_deref(),
         ),
+    };
+    outcome.map(|()| std::process::ExitCode::SUCCESS)
+}
+
+/// `arbor-worker train`: runs [`TchTrainer`] under the worker runtime until the job ends.
+fn train(
+    worker: WorkerArgs,
+    device: DeviceFlag,
+    threads: Option<i32>,
+    collective_timeout_s: Option<u64>,
+) -> Result<std::process::ExitCode> {
+    if worker.nproc > 1 {
+        let exe = std::env::current_exe().context("locating the arbor-worker binary")?;
+        let mut trailing: Vec<OsString> = vec![
+            "--device".into(),
+            device
+                .to_possible_value()
+                .map(|value| value.get_name().to_string())
+                .unwrap_or_else(|| "auto".to_string())
+                .into(),
+        ];
+        if let Some(threads) = threads {
+            trailing.extend(["--threads".into(), threads.to_string().into()]);
+        }
+        if let Some(seconds) = collective_timeout_s {
+            trailing.extend(["--collective-timeout-s".into(), seconds.to_string().into()]);
+        }
+        spawn_local_ranks(&exe, &["train".into()], &worker, &trailing)?;
+        return Ok(std::process::ExitCode::SUCCESS);
     }
+    if let Some(threads) = threads {
+        if threads < 1 {
+            bail!("--threads must be at least 1");
+        }
+        tch::set_num_threads(threads);
+    }
+    let options = worker.worker_options()?;
+    let mut trainer = TchTrainer::new(TrainerOptions {
+        device: match device {
+            DeviceFlag::Auto => DeviceChoice::Auto,
+            DeviceFlag::Cpu => DeviceChoice::Cpu,
+            DeviceFlag::Cuda => DeviceChoice::Cuda,
+        },
+        data_root: worker.data_root.clone(),
+        collective_timeout: collective_timeout_s.map(std::time::Duration::from_secs),
+    });
+    let summary = run_worker(options, &mut trainer)?;
+    info!(
+        batches = summary.batches_trained,
+        items = summary.items_trained,
+        failed_items = summary.failed_items,
+        groups = summary.groups_joined,
+        steps = trainer.step(),
+        seconds = summary.seconds,
+        "worker finished"
+    );
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn tokenize(model: &Path, max_chunks: usize, json: bool) -> Result<()> {

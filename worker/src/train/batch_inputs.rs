@@ -1,0 +1,124 @@
+//! What the model sees of one batch: the loader's pixels as a [B, 3, H, W] tensor and each
+//! slot's augmented caption, plus the seed of the step's random draws.
+//!
+//! The loader (arbor-data) fills the slot of an item that failed to load with another item of
+//! the batch (`ItemCrop::loaded_id`); the caption follows the pixels, so a replaced slot trains
+//! on a consistent (image, caption) pair. When every item of the batch failed the slots hold
+//! mid-gray and the batch must not teach anything: [`BatchInputs::all_failed`] tells the trainer
+//! to scale its loss by zero (the rank still takes part in the all-reduce).
+
+use std::collections::HashMap;
+
+use arbor_data::batch_loader::Batch as LoadedBatch;
+use arbor_runtime::trainer::BatchItem;
+use tch::{Device, Tensor};
+
+use crate::error::{Result, WorkerError};
+use crate::train::caption_augment::CaptionAugment;
+
+/// One batch ready for the model.
+#[derive(Debug)]
+pub struct BatchInputs {
+    /// [B, 3, H, W] in [-1, 1] on the training device.
+    pub pixels: Tensor,
+    /// The augmented caption of each slot.
+    pub captions: Vec<String>,
+    /// Every item failed to load: the pixels are placeholders.
+    pub all_failed: bool,
+}
+
+impl BatchInputs {
+    /// Builds the inputs of `loaded` (the loader's result for `items`, in order), with captions
+    /// augmented by `augment` from the stream of (seed, epoch, item id).
+    pub fn build(
+        loaded: &LoadedBatch,
+        items: &[BatchItem],
+        augment: &CaptionAugment,
+        seed: u64,
+        epoch: u64,
+        device: Device,
+    ) -> Result<Self> {
+        if loaded.len() != items.len() || loaded.is_empty() {
+            return Err(WorkerError::Input {
+                name: "batch".to_string(),
+                message: format!(
+                    "the loader returned {} slots for {} items",
+                    loaded.len(),
+                    items.len()
+                ),
+            });
+        }
+        let expected = loaded.len() * loaded.item_len();
+        if loaded.pixels.len() != expected {
+            return Err(WorkerError::Input {
+                name: "batch.pixels".to_string(),
+                message: format!("{} values, expected {expected}", loaded.pixels.len()),
+            });
+        }
+        let captions_by_id: HashMap<u64, &str> = items
+            .iter()
+            .map(|item| (item.id, item.caption.as_str()))
+            .collect();
+        let mut all_failed = true;
+        let captions = loaded
+            .items
+            .iter()
+            .map(|slot| match slot.loaded_id {
+                Some(loaded_id) => {
+                    all_failed = false;
+                    let caption = captions_by_id.get(&loaded_id).copied().unwrap_or("");
+                    augment.apply(caption, seed, epoch, loaded_id)
+                }
+                None => String::new(),
+            })
+            .collect();
+        let pixels = Tensor::from_slice(&loaded.pixels)
+            .view([
+                loaded.len() as i64,
+                3,
+                i64::from(loaded.bucket_height),
+                i64::from(loaded.bucket_width),
+            ])
+            .to_device(device);
+        Ok(Self {
+            pixels,
+            captions,
+            all_failed,
+        })
+    }
+}
+
+/// The seed of one micro-step's random draws (VAE posterior sample, noise, timesteps,
+/// hypernetwork dropout): a SplitMix64 mix of (job seed, micro-step, rank), so ranks draw
+/// different noise, every micro-step differs, and a resumed run draws exactly what an
+/// uninterrupted one would.
+pub fn micro_step_seed(seed: u64, micro_step: u64, rank: u32) -> i64 {
+    let mut state = seed;
+    for value in [micro_step, u64::from(rank), 0x6172_626f_725f_7374] {
+        state = splitmix64(state ^ value);
+    }
+    // Keep it positive: torch seeds are uint64 but tch takes an i64.
+    (state >> 1) as i64
+}
+
+fn splitmix64(value: u64) -> u64 {
+    let mut z = value.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_differ_by_step_and_rank_and_repeat() {
+        let base = micro_step_seed(42, 7, 0);
+        assert_eq!(base, micro_step_seed(42, 7, 0));
+        assert_ne!(base, micro_step_seed(42, 8, 0));
+        assert_ne!(base, micro_step_seed(42, 7, 1));
+        assert_ne!(base, micro_step_seed(43, 7, 0));
+        assert!(base >= 0);
+    }
+}

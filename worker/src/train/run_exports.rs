@@ -1,0 +1,185 @@
+//! The final exports of a run (DESIGN §7 `exports/`), written by rank 0 when the job ends:
+//!
+//! - `finetune`: `exports/model.safetensors` (single-file LDM, CLIP keys with the `text_model.`
+//!   prefix, loadable by A1111, ComfyUI and diffusers' `from_single_file`) and
+//!   `exports/diffusers/` (a diffusers folder; configs, tokenizer and scheduler copied from the
+//!   base model, so only when the base model is a diffusers folder);
+//! - `hypernetwork`: `exports/hypernetwork.pt` (AUTOMATIC1111's format) and
+//!   `exports/hypernetwork.safetensors`.
+//!
+//! With EMA on, the exported trainable weights are the EMA shadow. Files are written into a
+//! local temporary folder first and then put into the run directory one by one, so an
+//! object-store run directory works the same as a local one.
+
+use std::path::{Path, PathBuf};
+
+use tch::Tensor;
+use tracing::{info, warn};
+
+use crate::error::{Result, WorkerError};
+use crate::hypernetwork::pt_writer::PtDtype;
+use crate::train::run_dir::RunDir;
+use crate::train::training_model::{TrainingMode, TrainingModel, HYPERNETWORK_PREFIX};
+use crate::weights::export::{export_diffusers, export_single_file};
+
+pub const EXPORTS_PREFIX: &str = "exports";
+pub const SINGLE_FILE_EXPORT: &str = "exports/model.safetensors";
+pub const DIFFUSERS_EXPORT: &str = "exports/diffusers";
+pub const HYPERNETWORK_PT_EXPORT: &str = "exports/hypernetwork.pt";
+pub const HYPERNETWORK_SAFETENSORS_EXPORT: &str = "exports/hypernetwork.safetensors";
+
+/// A temporary local folder removed on drop.
+struct StagingDir(PathBuf);
+
+impl StagingDir {
+    fn new() -> Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let path =
+            std::env::temp_dir().join(format!("arbor-exports-{}-{nanos:x}", std::process::id()));
+        std::fs::create_dir_all(&path).map_err(WorkerError::io(&path))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Puts every file under `local` into the run directory under `prefix`, keeping the relative
+/// paths; returns the keys written.
+fn put_tree(run_dir: &RunDir, local: &Path, prefix: &str) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    let entries = std::fs::read_dir(local).map_err(WorkerError::io(local))?;
+    let mut paths: Vec<PathBuf> = entries
+        .map(|entry| entry.map(|entry| entry.path()))
+        .collect::<std::io::Result<_>>()
+        .map_err(WorkerError::io(local))?;
+    paths.sort();
+    for path in paths {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let key = format!("{prefix}/{name}");
+        if path.is_dir() {
+            keys.extend(put_tree(run_dir, &path, &key)?);
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(WorkerError::io(&path))?;
+        run_dir.put(&key, bytes)?;
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// Writes the mode's exports; `ema` (prefixed trainable names) replaces the trained weights
+/// when given. Returns the keys written.
+pub fn write_exports(
+    run_dir: &RunDir,
+    model: &TrainingModel,
+    ema: Option<&[(String, Tensor)]>,
+) -> Result<Vec<String>> {
+    let staging = StagingDir::new()?;
+    let keys = match model.mode {
+        TrainingMode::Finetune => export_finetune(run_dir, model, ema, &staging.0)?,
+        TrainingMode::Hypernetwork => export_hypernetwork(run_dir, model, ema, &staging.0)?,
+    };
+    info!(
+        files = keys.len(),
+        location = run_dir.location(),
+        "exports written"
+    );
+    Ok(keys)
+}
+
+fn export_finetune(
+    run_dir: &RunDir,
+    model: &TrainingModel,
+    ema: Option<&[(String, Tensor)]>,
+    staging: &Path,
+) -> Result<Vec<String>> {
+    let components = model.export_components(ema);
+    let single_file = staging.join("model.safetensors");
+    export_single_file(&components, &single_file)?;
+    let bytes = std::fs::read(&single_file).map_err(WorkerError::io(&single_file))?;
+    run_dir.put(SINGLE_FILE_EXPORT, bytes)?;
+    let mut keys = vec![SINGLE_FILE_EXPORT.to_string()];
+    if model.model_path.is_dir() {
+        let diffusers = staging.join("diffusers");
+        export_diffusers(&components, &model.model_path, &diffusers)?;
+        keys.extend(put_tree(run_dir, &diffusers, DIFFUSERS_EXPORT)?);
+    } else {
+        warn!(
+            model = %model.model_path.display(),
+            "the base model is a single file: no diffusers export (it needs the model's configs)"
+        );
+    }
+    Ok(keys)
+}
+
+fn export_hypernetwork(
+    run_dir: &RunDir,
+    model: &TrainingModel,
+    ema: Option<&[(String, Tensor)]>,
+    staging: &Path,
+) -> Result<Vec<String>> {
+    let Some(hypernetwork) = model.hypernetwork.as_ref() else {
+        return Err(WorkerError::Training(
+            "hypernetwork mode without a hypernetwork".to_string(),
+        ));
+    };
+    let pt = staging.join("hypernetwork.pt");
+    let safetensors = staging.join("hypernetwork.safetensors");
+    let write = || -> Result<()> {
+        hypernetwork.save_pt(&pt, PtDtype::Float32)?;
+        hypernetwork.save_safetensors(&safetensors)
+    };
+    match ema {
+        None => write()?,
+        Some(shadow) => {
+            // Swap the shadow in, write, and swap the trained weights back.
+            let live: Vec<(String, Tensor)> = model.trainable();
+            let saved: Vec<Tensor> = live.iter().map(|(_, tensor)| tensor.copy()).collect();
+            copy_by_name(&live, shadow)?;
+            let written = write();
+            tch::no_grad(|| {
+                for ((_, target), original) in live.iter().zip(&saved) {
+                    let mut target = target.shallow_clone();
+                    target.copy_(original);
+                }
+            });
+            written?;
+        }
+    }
+    for (path, key) in [
+        (&pt, HYPERNETWORK_PT_EXPORT),
+        (&safetensors, HYPERNETWORK_SAFETENSORS_EXPORT),
+    ] {
+        let bytes = std::fs::read(path).map_err(WorkerError::io(path))?;
+        run_dir.put(key, bytes)?;
+    }
+    Ok(vec![
+        HYPERNETWORK_PT_EXPORT.to_string(),
+        HYPERNETWORK_SAFETENSORS_EXPORT.to_string(),
+    ])
+}
+
+/// Copies `source` into `destination` by (prefixed) name, without autograd history.
+fn copy_by_name(destination: &[(String, Tensor)], source: &[(String, Tensor)]) -> Result<()> {
+    for (name, target) in destination {
+        let Some((_, value)) = source.iter().find(|(candidate, _)| candidate == name) else {
+            return Err(WorkerError::MissingTensor {
+                key: name.trim_start_matches(HYPERNETWORK_PREFIX).to_string(),
+                source_name: "ema".to_string(),
+                expected: target.size(),
+            });
+        };
+        tch::no_grad(|| {
+            let mut target = target.shallow_clone();
+            target.copy_(value);
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,826 @@
+//! [`TchTrainer`]: the training loop of `arbor-worker train` (DESIGN §4, §5), driven batch by
+//! batch by the worker runtime (`arbor_runtime::runtime::run_worker`) through the
+//! [`Trainer`] trait.
+//!
+//! - `start` (after every formation of the group): the first call loads the model once
+//!   ([`TrainingModel`]) and builds AdamW, the EMA, the LR schedule, the batch loader and the
+//!   run directory; every call (re)builds the c10d process group of (rank, world size, store
+//!   address, generation prefix) — reusing this process's TCPStore when the address is unchanged
+//!   — and then either resumes from the coordinator's checkpoint or resets to the initial
+//!   weights, so survivors of a failure roll back to the same state as a restarted process.
+//! - `train_batch`: load and crop the images at the bucket resolution (arbor-data; failed items
+//!   are reported, never fatal), augment and encode the captions, VAE-encode, noise at
+//!   per-sample timesteps drawn from a stream seeded by (job seed, micro-step, rank), the
+//!   diffusion loss, backward, and [`DistributedStep`] (all-reduce, clip, AdamW, EMA) on the
+//!   final micro-step of each accumulation window; then metrics, logs, and on rank 0 the
+//!   sample grid and loss curve every `samples.every` steps.
+//! - `checkpoint`: this rank's part of `checkpoints/step-<N>/` (rank 0 writes the tensors).
+//! - `finish`: rank 0 writes the exports, the final loss curve and the metrics.
+//!
+//! Errors come back as strings: a collective error makes the runtime report it to the
+//! coordinator, which regroups.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arbor_c10d::{Backend, ProcessGroup, Store, StoreAddress};
+use arbor_common::assign::{Assigner, BucketedItems};
+use arbor_common::buckets::BucketTable;
+use arbor_common::config::JobConfig;
+use arbor_data::batch_loader::{BatchLoader, LoaderOptions};
+use arbor_data::store::DatasetStore;
+use arbor_runtime::batch_fetch::BatchFetcher;
+use arbor_runtime::trainer::{Batch, BatchOutcome, GroupInfo, Trainer};
+use tch::{Device, Kind, Tensor};
+use tracing::{debug, info, warn};
+
+use crate::error::{Result, WorkerError};
+use crate::train::adamw::{AdamW, AdamWConfig};
+use crate::train::batch_inputs::{micro_step_seed, BatchInputs};
+use crate::train::caption_augment::CaptionAugment;
+use crate::train::checkpoint::{
+    copy_tensors_by_name, read_checkpoint, write_checkpoint_part, CheckpointContents,
+    CheckpointPosition,
+};
+use crate::train::distributed_step::{DistributedStep, StepReport, StepSettings};
+use crate::train::ema::Ema;
+use crate::train::lr_schedule::LrSchedule;
+use crate::train::metrics_log::{MetricsLog, StepMetrics, TokenLengthHistogram};
+use crate::train::run_dir::RunDir;
+use crate::train::run_exports::write_exports;
+use crate::train::sampling::{write_loss_curve, write_samples, SampleSettings};
+use crate::train::training_model::TrainingModel;
+
+/// Optimizer steps between rewrites of `metrics.jsonl` (it is also flushed at checkpoints,
+/// samples and the end).
+const METRICS_FLUSH_EVERY: u64 = 10;
+/// Optimizer steps between `step` log lines (the first few steps are always logged).
+const LOG_EVERY: u64 = 10;
+/// How long `start` keeps retrying to form the process group before failing.
+const GROUP_FORMATION_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Where the model runs (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA when available, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceChoice {
+    pub fn resolve(self) -> Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+            DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+            DeviceChoice::Cuda => Err(WorkerError::Input {
+                name: "--device".to_string(),
+                message: "cuda was requested but libtorch sees no CUDA device".to_string(),
+            }),
+        }
+    }
+}
+
+/// How the trainer runs, from the command line.
+#[derive(Debug, Clone)]
+pub struct TrainerOptions {
+    pub device: DeviceChoice,
+    /// `--data-root`: overrides `data.root` and the manifest's folder.
+    pub data_root: Option<PathBuf>,
+    /// Bound on the group rendezvous and on every collective; `None`: four heartbeat timeouts,
+    /// at least 30 s.
+    pub collective_timeout: Option<Duration>,
+}
+
+impl Default for TrainerOptions {
+    fn default() -> Self {
+        Self {
+            device: DeviceChoice::Auto,
+            data_root: None,
+            collective_timeout: None,
+        }
+    }
+}
+
+/// What the process loads once and keeps across regroups.
+struct Session {
+    config: JobConfig,
+    model: TrainingModel,
+    trainable: Vec<(String, Tensor)>,
+    /// CPU copies of the trainable tensors as first built: a start without a checkpoint
+    /// resets to them.
+    initial: Vec<(String, Tensor)>,
+    optimizer: AdamW,
+    ema: Option<Ema>,
+    step_driver: DistributedStep,
+    lr_schedule: LrSchedule,
+    run_dir: RunDir,
+    metrics: Option<MetricsLog>,
+    /// Loads the batches, those the runtime announces ahead in the background.
+    fetcher: BatchFetcher,
+    augment: CaptionAugment,
+    samples: SampleSettings,
+}
+
+/// The statistics of the accumulation window in progress.
+#[derive(Default)]
+struct Window {
+    micro_batches: u64,
+    loss_sum: f64,
+    images: u64,
+    data_wait_seconds: f64,
+    seconds: f64,
+    failed_items: u32,
+    histogram: TokenLengthHistogram,
+}
+
+/// The group as this process is part of it now.
+#[derive(Debug, Clone, Default)]
+struct Membership {
+    rank: u32,
+    world_size: u32,
+    generation: u64,
+}
+
+/// The libtorch trainer of `arbor-worker train`.
+pub struct TchTrainer {
+    options: TrainerOptions,
+    session: Option<Session>,
+    group: Option<ProcessGroup>,
+    /// The TCPStore this process holds (hosts on rank 0), reused across regroups while the
+    /// store address stays the same.
+    store: Option<Arc<Store>>,
+    membership: Membership,
+    /// Optimizer steps done.
+    step: u64,
+    /// Micro-batches done in the run (across epochs and regroups, consistent with `step`).
+    micro_step: u64,
+    window: Window,
+    last_sampled_step: Option<u64>,
+}
+
+impl std::fmt::Debug for TchTrainer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("TchTrainer")
+            .field("options", &self.options)
+            .field("membership", &self.membership)
+            .field("step", &self.step)
+            .field("loaded", &self.session.is_some())
+            .finish()
+    }
+}
+
+/// Copies `source` into `destination` tensor by tensor (same order), without autograd.
+fn copy_in_place(destination: &[(String, Tensor)], source: &[(String, Tensor)]) {
+    tch::no_grad(|| {
+        for ((_, target), (_, value)) in destination.iter().zip(source) {
+            let mut target = target.shallow_clone();
+            target.copy_(value);
+        }
+    });
+}
+
+/// The same tensors (shared storage) under the same names.
+fn shallow_clones(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    tensors
+        .iter()
+        .map(|(name, tensor)| (name.clone(), tensor.shallow_clone()))
+        .collect()
+}
+
+/// Detached CPU copies.
+fn cpu_copies(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    tensors
+        .iter()
+        .map(|(name, tensor)| (name.clone(), tensor.detach().to_device(Device::Cpu).copy()))
+        .collect()
+}
+
+/// Optimizer steps of the whole run: `schedule.max_steps`, else epochs × batches per rank /
+/// grad_accum computed from a local manifest (bucket assignment and trim as the coordinator
+/// plans them); `None` when neither is known (a remote manifest).
+pub fn planned_optimizer_steps(config: &JobConfig, world_size: u32) -> Option<u64> {
+    let schedule = &config.schedule;
+    if let Some(max_steps) = schedule.max_steps {
+        return Some(max_steps);
+    }
+    let file = std::fs::File::open(&config.data.manifest).ok()?;
+    let manifest = arbor_common::manifest::read_manifest(std::io::BufReader::new(file)).ok()?;
+    let table = BucketTable::new(config.buckets.bucket_params()).ok()?;
+    let assigner = Assigner::new(table, config.buckets.assign_params()).ok()?;
+    let items = BucketedItems::assign_all(
+        &assigner,
+        manifest
+            .records
+            .iter()
+            .map(|record| (record.id, record.width, record.height)),
+    )
+    .ok()?;
+    let global_batch = u64::from(world_size.max(1)) * u64::from(schedule.bsz.max(1));
+    let batches_per_rank = items.len() as u64 / global_batch;
+    Some(schedule.epochs * batches_per_rank / u64::from(schedule.grad_accum.max(1)))
+}
+
+impl TchTrainer {
+    pub fn new(options: TrainerOptions) -> Self {
+        Self {
+            options,
+            session: None,
+            group: None,
+            store: None,
+            membership: Membership::default(),
+            step: 0,
+            micro_step: 0,
+            window: Window::default(),
+            last_sampled_step: None,
+        }
+    }
+
+    /// Optimizer steps done.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The trainable tensors by (prefixed) name, once started.
+    pub fn trainable(&self) -> Option<&[(String, Tensor)]> {
+        self.session
+            .as_ref()
+            .map(|session| session.trainable.as_slice())
+    }
+
+    /// The loaded model, once started.
+    pub fn model(&self) -> Option<&TrainingModel> {
+        self.session.as_ref().map(|session| &session.model)
+    }
+
+    fn collective_timeout(&self, config: &JobConfig) -> Duration {
+        self.options.collective_timeout.unwrap_or_else(|| {
+            Duration::from_secs_f64((4.0 * config.cluster.heartbeat_timeout_s).max(30.0))
+        })
+    }
+
+    fn load_session(&self, config: &JobConfig) -> Result<Session> {
+        let device = self.options.device.resolve()?;
+        let model = TrainingModel::load(config, device)?;
+        let trainable = model.trainable();
+        if trainable.is_empty() {
+            return Err(WorkerError::Training(format!(
+                "mode `{}` has no trainable tensors",
+                model.mode.name()
+            )));
+        }
+        let initial = cpu_copies(&trainable);
+        let optimizer = AdamW::new(shallow_clones(&trainable), adamw_config(config));
+        let ema =
+            (config.train.ema_decay > 0.0).then(|| Ema::new(&trainable, config.train.ema_decay));
+        let step_driver = DistributedStep::new(&trainable, step_settings(config));
+        let lr_schedule = lr_schedule(config, 1)?;
+        let run_dir = RunDir::open(&config.job.run_dir)?;
+        // `--data-root` wins over the job's `data.root` (else the manifest's folder).
+        let root = match &self.options.data_root {
+            Some(root) => root.display().to_string(),
+            None => config.data.dataset_root(),
+        };
+        let store = DatasetStore::open(&root)?;
+        let loader = BatchLoader::new(store, LoaderOptions::default())?;
+        let fetcher = BatchFetcher::new(loader, config.job.seed)?;
+        info!(dataset = %root, run_dir = run_dir.location(), "training session ready");
+        Ok(Session {
+            config: config.clone(),
+            model,
+            trainable,
+            initial,
+            optimizer,
+            ema,
+            step_driver,
+            lr_schedule,
+            run_dir,
+            metrics: None,
+            fetcher,
+            augment: CaptionAugment::from_config(&config.data),
+            samples: SampleSettings::from_config(config)?,
+        })
+    }
+
+    /// (Re)builds the process group of `group`, retrying until [`GROUP_FORMATION_DEADLINE`].
+    fn form_group(&mut self, group: &GroupInfo, device: Device, timeout: Duration) -> Result<()> {
+        // Drop the old group first; keep its store for reuse.
+        if let Some(old) = self.group.take() {
+            self.store = Some(old.store().clone());
+        }
+        if group.world_size <= 1 {
+            return Ok(());
+        }
+        let backend = if device.is_cuda() && Backend::Nccl.is_available() {
+            Backend::Nccl
+        } else {
+            Backend::Gloo
+        };
+        let address = StoreAddress::parse(&group.store_address)?;
+        let rank = group.rank as usize;
+        let world_size = group.world_size as usize;
+        let deadline = Instant::now() + GROUP_FORMATION_DEADLINE.max(timeout);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let reusable = self.store.take().filter(|store| {
+                store.address() == &address && store.is_host() == (group.rank == 0)
+            });
+            let reused = reusable.is_some();
+            let store = match reusable {
+                Some(store) => Ok(store),
+                None => Store::connect(&address, rank, world_size, timeout).map(Arc::new),
+            };
+            let formed = store.and_then(|store| {
+                let formed = ProcessGroup::with_store(
+                    store.clone(),
+                    backend,
+                    rank,
+                    world_size,
+                    &group.store_prefix,
+                    timeout,
+                );
+                if formed.is_err() && store.is_host() {
+                    // Keep hosting: the other ranks may still be on their way.
+                    self.store = Some(store);
+                }
+                formed
+            });
+            match formed {
+                Ok(process_group) => {
+                    info!(
+                        rank = group.rank,
+                        world_size = group.world_size,
+                        generation = group.generation,
+                        backend = backend.name(),
+                        store = %address,
+                        reused_store = reused,
+                        attempt,
+                        "process group formed"
+                    );
+                    self.group = Some(process_group);
+                    return Ok(());
+                }
+                Err(error) if Instant::now() < deadline => {
+                    warn!(rank = group.rank, attempt, %error, "forming the process group failed; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Loads the checkpoint the coordinator named, or resets to the initial weights.
+    fn restore(&mut self, group: &GroupInfo) -> Result<()> {
+        let session = self.session.as_mut().ok_or_else(not_started)?;
+        let config = &session.config;
+        if group.resume_checkpoint.is_empty() {
+            copy_in_place(&session.trainable, &session.initial);
+            session.optimizer =
+                AdamW::new(shallow_clones(&session.trainable), adamw_config(config));
+            session.ema = (config.train.ema_decay > 0.0)
+                .then(|| Ema::new(&session.trainable, config.train.ema_decay));
+            self.step = 0;
+            info!(rank = group.rank, "starting from the initial weights");
+        } else {
+            let key = group.resume_checkpoint.as_str();
+            let contents = read_checkpoint(&session.run_dir, key)?;
+            copy_tensors_by_name(&contents.trainable, &session.trainable, key)?;
+            let optimizer_state: HashMap<String, Tensor> = contents.optimizer.into_iter().collect();
+            session.optimizer =
+                AdamW::new(shallow_clones(&session.trainable), adamw_config(config));
+            session
+                .optimizer
+                .load_state(&optimizer_state, contents.optimizer_steps)?;
+            session.ema = match (config.train.ema_decay > 0.0, contents.ema) {
+                (false, _) => None,
+                (true, Some(shadow)) => {
+                    let mut ema = Ema::new(&session.trainable, config.train.ema_decay);
+                    let shadow: HashMap<String, Tensor> = shadow.into_iter().collect();
+                    ema.load_state(&shadow, contents.ema_updates)?;
+                    Some(ema)
+                }
+                (true, None) => {
+                    warn!(
+                        checkpoint = key,
+                        "the checkpoint has no ema; ema restarts from its weights"
+                    );
+                    Some(Ema::new(&session.trainable, config.train.ema_decay))
+                }
+            };
+            self.step = contents.position.step;
+            if contents.position.step != group.resume_step {
+                warn!(
+                    checkpoint = key,
+                    checkpoint_step = contents.position.step,
+                    coordinator_step = group.resume_step,
+                    "the checkpoint's step differs from the coordinator's resume step; using the checkpoint's"
+                );
+            }
+            info!(
+                rank = group.rank,
+                checkpoint = key,
+                step = self.step,
+                "resumed from checkpoint"
+            );
+        }
+        session.optimizer.zero_grad();
+        session.step_driver = DistributedStep::new(&session.trainable, step_settings(config));
+        let grad_accum = u64::from(config.schedule.grad_accum.max(1));
+        self.micro_step = self.step * grad_accum;
+        self.window = Window::default();
+        if let Some(hypernetwork) = session.model.hypernetwork.as_mut() {
+            hypernetwork.info.step = self.step as i64;
+        }
+        Ok(())
+    }
+
+    fn start_group(&mut self, group: &GroupInfo, config: &JobConfig) -> Result<()> {
+        if self.session.is_none() {
+            let session = self.load_session(config)?;
+            self.session = Some(session);
+        }
+        if let Some(session) = self.session.as_mut() {
+            // A new group may plan other items under the same batch numbers.
+            session.fetcher.restart(config.job.seed);
+            // The coordinator resolves the config once; a regroup hands the same one.
+            session.config = config.clone();
+            session.lr_schedule = lr_schedule(config, group.world_size)?;
+            session.samples = SampleSettings::from_config(config)?;
+        }
+        self.membership = Membership {
+            rank: group.rank,
+            world_size: group.world_size.max(1),
+            generation: group.generation,
+        };
+        let device = self.session.as_ref().ok_or_else(not_started)?.model.device;
+        let timeout = self.collective_timeout(config);
+        self.form_group(group, device, timeout)?;
+        self.restore(group)?;
+        let session = self.session.as_mut().ok_or_else(not_started)?;
+        session.metrics = if group.rank == 0 {
+            Some(MetricsLog::open(&session.run_dir, self.step)?)
+        } else {
+            None
+        };
+        info!(
+            rank = group.rank,
+            world_size = group.world_size,
+            generation = group.generation,
+            step = self.step,
+            mode = session.model.mode.name(),
+            "trainer started"
+        );
+        Ok(())
+    }
+
+    fn train(&mut self, batch: &Batch) -> Result<BatchOutcome> {
+        let started = Instant::now();
+        let rank = self.membership.rank;
+        let session = self.session.as_mut().ok_or_else(not_started)?;
+        let seed = session.config.job.seed;
+        let loaded = session.fetcher.load(batch)?;
+        let data_wait_seconds = started.elapsed().as_secs_f64();
+        for failure in &loaded.failures {
+            warn!(rank, item = failure.id, key = %failure.key, reason = %failure.reason, "item failed to load; its slot repeats another item");
+        }
+        let inputs = BatchInputs::build(
+            &loaded,
+            &batch.items,
+            &session.augment,
+            seed,
+            batch.epoch,
+            session.model.device,
+        )?;
+        tch::manual_seed(micro_step_seed(seed, self.micro_step, rank));
+        let model = &session.model;
+        let context = model.encode_prompts(&inputs.captions, Some(&mut self.window.histogram))?;
+        let latents = model.encode_images(&inputs.pixels);
+        let noise = latents.randn_like();
+        let batch_size = latents.size()[0];
+        let timesteps = Tensor::randint(
+            model.schedule.num_train_timesteps(),
+            [batch_size],
+            (Kind::Int64, model.device),
+        );
+        let loss = model.loss(&latents, &noise, &timesteps, &context)?;
+        let loss_value = loss.double_value(&[]);
+        let grad_accum = session.step_driver.grad_accum();
+        let weight = if inputs.all_failed {
+            warn!(
+                rank,
+                batch = batch.index,
+                "every item of the batch failed to load; it does not train"
+            );
+            0.0
+        } else {
+            1.0 / grad_accum as f64
+        };
+        (loss * weight)
+            .f_backward()
+            .map_err(WorkerError::torch("backpropagating the diffusion loss"))?;
+        let learning_rate = session.lr_schedule.learning_rate(self.step);
+        let report = session.step_driver.after_backward(
+            self.group.as_mut(),
+            &mut session.optimizer,
+            session.ema.as_mut(),
+            learning_rate,
+            self.micro_step,
+        )?;
+        self.micro_step += 1;
+        let failed_items = loaded.failures.len() as u32;
+        let window = &mut self.window;
+        window.micro_batches += 1;
+        window.loss_sum += loss_value;
+        window.images += batch.items.len() as u64;
+        window.data_wait_seconds += data_wait_seconds;
+        window.seconds += started.elapsed().as_secs_f64();
+        window.failed_items += failed_items;
+        if let Some(report) = report {
+            self.step += 1;
+            self.after_optimizer_step(batch, report, learning_rate)?;
+        }
+        Ok(BatchOutcome {
+            loss: loss_value,
+            data_wait_seconds,
+            failed_items,
+        })
+    }
+
+    /// Metrics, logs and samples of the optimizer step just taken.
+    fn after_optimizer_step(
+        &mut self,
+        batch: &Batch,
+        report: StepReport,
+        learning_rate: f64,
+    ) -> Result<()> {
+        let window = std::mem::take(&mut self.window);
+        let mut loss = window.loss_sum / window.micro_batches.max(1) as f64;
+        let session = self.session.as_mut().ok_or_else(not_started)?;
+        if let Some(group) = self.group.as_mut() {
+            // The group's mean loss, so the curve does not depend on rank 0's batches alone.
+            let device = if group.backend() == Backend::Nccl {
+                session.model.device
+            } else {
+                Device::Cpu
+            };
+            let mut tensors = [Tensor::from_slice(&[loss]).to_device(device)];
+            group.all_reduce_mean(&mut tensors)?;
+            loss = tensors[0].double_value(&[0]);
+        }
+        let Membership {
+            rank,
+            world_size,
+            generation,
+        } = self.membership.clone();
+        let step = self.step;
+        let seconds = window.seconds.max(1e-9);
+        // Ranks step in lockstep: the group's throughput is this rank's times the world size.
+        let images_per_second = window.images as f64 / seconds * f64::from(world_size);
+        let data_wait_fraction = (window.data_wait_seconds / seconds).clamp(0.0, 1.0);
+        let bucket = format!("{}x{}", batch.resolution.width, batch.resolution.height);
+        if step <= 5 || step % LOG_EVERY == 0 {
+            info!(
+                rank,
+                step,
+                epoch = batch.epoch,
+                batch = batch.index,
+                loss,
+                lr = learning_rate,
+                grad_norm = report.grad_norm,
+                images_per_second,
+                data_wait_fraction,
+                bucket = %bucket,
+                "step"
+            );
+        } else {
+            debug!(rank, step, loss, lr = learning_rate, "step");
+        }
+        if !loss.is_finite() {
+            warn!(rank, step, loss, "the loss is not finite");
+        }
+        if let Some(hypernetwork) = session.model.hypernetwork.as_mut() {
+            hypernetwork.info.step = step as i64;
+        }
+        let Some(metrics) = session.metrics.as_mut() else {
+            return Ok(());
+        };
+        metrics.append(StepMetrics {
+            step,
+            epoch: batch.epoch,
+            batch: batch.index,
+            rank,
+            world_size,
+            generation,
+            loss,
+            lr: learning_rate,
+            grad_norm: report.grad_norm,
+            images_per_second,
+            data_wait_fraction,
+            token_length_histogram: window.histogram,
+            failed_items: window.failed_items,
+            bucket,
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        })?;
+        if step % METRICS_FLUSH_EVERY == 0 {
+            metrics.flush()?;
+        }
+        let every = session.config.samples.every;
+        if every > 0 && step % every == 0 {
+            self.write_samples_and_curve();
+        }
+        Ok(())
+    }
+
+    /// Rank 0: the sample grid of the current step and the loss curve. Failures are logged,
+    /// never fatal to training.
+    fn write_samples_and_curve(&mut self) {
+        let step = self.step;
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        let Some(metrics) = session.metrics.as_mut() else {
+            return;
+        };
+        if let Err(error) = metrics.flush() {
+            warn!(step, %error, "writing metrics.jsonl failed");
+        }
+        let history = metrics.loss_history();
+        if let Err(error) = write_loss_curve(&session.run_dir, &history) {
+            warn!(step, %error, "writing loss.png failed");
+        }
+        let started = Instant::now();
+        match write_samples(&session.run_dir, &mut session.model, &session.samples, step) {
+            Ok(Some(key)) => {
+                info!(step, key = %key, seconds = started.elapsed().as_secs_f64(), "samples written")
+            }
+            Ok(None) => {}
+            Err(error) => warn!(step, %error, "rendering samples failed"),
+        }
+        self.last_sampled_step = Some(step);
+    }
+
+    fn write_checkpoint(&mut self, step: u64, epoch: u64, batch: u64) -> Result<()> {
+        let Membership {
+            rank,
+            world_size,
+            generation,
+        } = self.membership.clone();
+        let session = self.session.as_mut().ok_or_else(not_started)?;
+        if step != self.step {
+            warn!(
+                rank,
+                runtime_step = step,
+                trainer_step = self.step,
+                "checkpoint step differs from the trainer's"
+            );
+        }
+        if self.window.micro_batches > 0 {
+            warn!(
+                rank,
+                step,
+                pending_micro_batches = self.window.micro_batches,
+                "checkpoint inside an accumulation window: its pending gradients are not saved"
+            );
+        }
+        let is_writer = rank == 0;
+        let contents = CheckpointContents {
+            position: CheckpointPosition {
+                step,
+                epoch,
+                // The runtime does not hand the trainer the plan segment; the coordinator's own
+                // record of the checkpoint holds it.
+                segment: 0,
+                batch,
+                generation,
+                world_size,
+                rank,
+                mode: session.model.mode.name().to_string(),
+            },
+            trainable: if is_writer {
+                cpu_copies(&session.trainable)
+            } else {
+                Vec::new()
+            },
+            optimizer: if is_writer {
+                session.optimizer.state_tensors()
+            } else {
+                Vec::new()
+            },
+            optimizer_steps: session.optimizer.step_count(),
+            ema: session
+                .ema
+                .as_ref()
+                .filter(|_| is_writer)
+                .map(Ema::state_tensors),
+            ema_updates: session.ema.as_ref().map_or(0, Ema::update_count),
+        };
+        write_checkpoint_part(&session.run_dir, &contents)?;
+        if let Some(metrics) = session.metrics.as_mut() {
+            metrics.flush()?;
+        }
+        Ok(())
+    }
+
+    fn finish_run(&mut self) -> Result<()> {
+        self.group = None;
+        self.store = None;
+        let step = self.step;
+        if self.membership.rank != 0 {
+            return Ok(());
+        }
+        let needs_samples = self.last_sampled_step != Some(step) && step > 0;
+        if needs_samples {
+            self.write_samples_and_curve();
+        }
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        if let Some(metrics) = session.metrics.as_mut() {
+            metrics.flush()?;
+            write_loss_curve(&session.run_dir, &metrics.loss_history())?;
+        }
+        let ema_shadow = session.ema.as_ref().map(|ema| shallow_clones(ema.shadow()));
+        let keys = write_exports(&session.run_dir, &session.model, ema_shadow.as_deref())?;
+        info!(step, exports = ?keys, run_dir = session.run_dir.location(), "training finished");
+        Ok(())
+    }
+}
+
+fn not_started() -> WorkerError {
+    WorkerError::Training("the trainer has not been started".to_string())
+}
+
+fn adamw_config(config: &JobConfig) -> AdamWConfig {
+    AdamWConfig {
+        weight_decay: config.train.weight_decay,
+        ..AdamWConfig::default()
+    }
+}
+
+fn step_settings(config: &JobConfig) -> StepSettings {
+    StepSettings {
+        grad_accum: config.schedule.grad_accum,
+        max_grad_norm: config.train.max_grad_norm,
+    }
+}
+
+fn lr_schedule(config: &JobConfig, world_size: u32) -> Result<LrSchedule> {
+    let total_steps = match planned_optimizer_steps(config, world_size) {
+        Some(steps) => steps,
+        None => {
+            if config.train.lr_scheduler == "cosine" {
+                warn!(
+                    manifest = %config.data.manifest,
+                    "the run's step count is unknown (set schedule.max_steps); the cosine schedule assumes 1000 steps"
+                );
+            }
+            1000
+        }
+    };
+    LrSchedule::from_config(
+        &config.train.lr,
+        &config.train.lr_scheduler,
+        config.train.lr_warmup_steps,
+        total_steps.max(1),
+    )
+}
+
+impl Trainer for TchTrainer {
+    fn start(&mut self, group: &GroupInfo, config: &JobConfig) -> std::result::Result<(), String> {
+        self.start_group(group, config)
+            .map_err(|error| format!("starting rank {}: {error}", group.rank))
+    }
+
+    fn upcoming(&mut self, batches: &[Batch]) {
+        if let Some(session) = self.session.as_mut() {
+            session.fetcher.announce(batches);
+        }
+    }
+
+    fn train_batch(&mut self, batch: &Batch) -> std::result::Result<BatchOutcome, String> {
+        self.train(batch).map_err(|error| {
+            format!(
+                "rank {} epoch {} batch {}: {error}",
+                self.membership.rank, batch.epoch, batch.index
+            )
+        })
+    }
+
+    fn checkpoint(&mut self, step: u64, epoch: u64, batch: u64) -> std::result::Result<(), String> {
+        self.write_checkpoint(step, epoch, batch)
+            .map_err(|error| format!("checkpoint at step {step}: {error}"))
+    }
+
+    fn finish(&mut self) -> std::result::Result<(), String> {
+        self.finish_run()
+            .map_err(|error| format!("finishing the run: {error}"))
+    }
+}

@@ -1,0 +1,397 @@
+//! The model as a training run holds it (DESIGN §4): the tokenizer and prompt framing, the CLIP
+//! text encoder, the UNet, the VAE, the DDPM schedule with the job's prediction type, and in
+//! `hypernetwork` mode the hypernetwork — with exactly the parameters of the mode trainable:
+//!
+//! - `finetune`: the UNet, plus the text encoder when `model.train_text_encoder`;
+//! - `hypernetwork`: only the hypernetwork modules; CLIP, UNet and VAE are frozen.
+//!
+//! Trainable tensors are named `unet.<name>`, `text_encoder.<name>` and `hypernetwork.<name>`,
+//! so one flat list serves AdamW, EMA, checkpoints and the gradient all-reduce.
+//!
+//! Mixed precision: on CUDA with `train.mixed_precision = "bf16"` the forward passes run under
+//! libtorch's autocast with bf16 as the CUDA autocast dtype (parameters and optimizer state stay
+//! fp32); on the CPU everything is fp32.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use arbor_common::config::JobConfig;
+use tch::{nn, Device, Kind, Tensor};
+use tracing::info;
+
+use crate::attention::KvContextTransform;
+use crate::clip::ClipTextModel;
+use crate::ddpm::{DdpmSchedule, PredictionType};
+use crate::error::{Result, WorkerError};
+use crate::hypernetwork::module::{Activation, HypernetworkStructure};
+use crate::hypernetwork::shallow_penalty::ShallowPenalty;
+use crate::hypernetwork::{Hypernetwork, HypernetworkInfo};
+use crate::model_components::ModelComponents;
+use crate::prompt::{PromptFraming, PromptLayout};
+use crate::tokenizer::ClipTokenizer;
+use crate::train::metrics_log::TokenLengthHistogram;
+use crate::train_step::{diffusion_loss, DiffusionBatch};
+use crate::unet_2d::UNet2DConditionModel;
+use crate::vae::AutoencoderKL;
+use crate::weights::export::NamedTensors;
+use crate::weights::Component;
+
+/// What a run trains (`model.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainingMode {
+    Finetune,
+    Hypernetwork,
+}
+
+impl TrainingMode {
+    pub fn parse(mode: &str) -> Result<Self> {
+        match mode {
+            "finetune" => Ok(TrainingMode::Finetune),
+            "hypernetwork" => Ok(TrainingMode::Hypernetwork),
+            other => Err(WorkerError::Input {
+                name: "model.mode".to_string(),
+                message: format!("expected `finetune` or `hypernetwork`, got `{other}`"),
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainingMode::Finetune => "finetune",
+            TrainingMode::Hypernetwork => "hypernetwork",
+        }
+    }
+}
+
+pub const UNET_PREFIX: &str = "unet.";
+pub const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
+pub const HYPERNETWORK_PREFIX: &str = "hypernetwork.";
+
+/// libtorch's `at::autocast::set_autocast_dtype(c10::DeviceType, c10::ScalarType)`: tch's
+/// `autocast` has no dtype argument and libtorch's CUDA default is fp16, so the trainer sets
+/// bf16 through the exported C++ symbol (both enums are `int8_t`-based).
+mod autocast_ffi {
+    extern "C" {
+        #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
+        pub fn set_autocast_dtype(device_type: i8, scalar_type: i8);
+    }
+    /// `c10::DeviceType::CUDA`.
+    pub const DEVICE_TYPE_CUDA: i8 = 1;
+    /// `c10::ScalarType::BFloat16`.
+    pub const SCALAR_TYPE_BFLOAT16: i8 = 15;
+}
+
+/// The components of a run, loaded once per process.
+pub struct TrainingModel {
+    pub device: Device,
+    pub mode: TrainingMode,
+    pub model_path: PathBuf,
+    pub tokenizer: ClipTokenizer,
+    pub framing: PromptFraming,
+    pub clip_skip: usize,
+    pub text_encoder_store: nn::VarStore,
+    pub text_encoder: ClipTextModel,
+    pub unet_store: nn::VarStore,
+    pub unet: UNet2DConditionModel,
+    pub vae_store: nn::VarStore,
+    pub vae: AutoencoderKL,
+    pub schedule: DdpmSchedule,
+    pub hypernetwork: Option<Hypernetwork>,
+    pub train_text_encoder: bool,
+    /// bf16 autocast around the forward passes (CUDA only).
+    pub autocast_bf16: bool,
+}
+
+impl std::fmt::Debug for TrainingModel {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("TrainingModel")
+            .field("device", &self.device)
+            .field("mode", &self.mode)
+            .field("model_path", &self.model_path)
+            .field("train_text_encoder", &self.train_text_encoder)
+            .field("autocast_bf16", &self.autocast_bf16)
+            .finish()
+    }
+}
+
+/// Sorted `(prefix + name, variable)` of a VarStore (shallow clones share storage).
+fn prefixed_variables(store: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
+    let mut variables: Vec<(String, Tensor)> = store
+        .variables()
+        .into_iter()
+        .map(|(name, tensor)| (format!("{prefix}{name}"), tensor))
+        .collect();
+    variables.sort_by(|left, right| left.0.cmp(&right.0));
+    variables
+}
+
+/// The tokenizer folder: the diffusers folder's own, or `tokenizer/` beside a single file.
+fn tokenizer_for(model_path: &Path) -> Result<ClipTokenizer> {
+    if model_path.is_dir() {
+        return ClipTokenizer::from_model_dir(model_path);
+    }
+    let beside = model_path
+        .parent()
+        .map(|parent| parent.join("tokenizer"))
+        .filter(|folder| folder.is_dir())
+        .ok_or_else(|| WorkerError::Config {
+            path: model_path.to_path_buf(),
+            field: "model.path".to_string(),
+            message: "a single-file model needs a `tokenizer/` folder beside it".to_string(),
+        })?;
+    ClipTokenizer::from_tokenizer_dir(&beside)
+}
+
+impl TrainingModel {
+    /// Loads the model of `config.model.path` on `device` and sets what trains. In hypernetwork
+    /// mode the modules are initialised right after `tch::manual_seed(job.seed)`, so every rank
+    /// starts from identical weights.
+    pub fn load(config: &JobConfig, device: Device) -> Result<Self> {
+        let mode = TrainingMode::parse(&config.model.mode)?;
+        let model_path = PathBuf::from(&config.model.path);
+        let components = ModelComponents::open(&model_path, None, &Component::ALL, device)?;
+        let tokenizer = tokenizer_for(&model_path)?;
+        let framing = PromptFraming::for_tokenizer(&tokenizer, config.model.max_chunks as usize);
+        let (mut text_encoder_store, text_encoder) = components.text_encoder()?;
+        let (mut unet_store, unet) = components.unet()?;
+        let (mut vae_store, vae) = components.vae()?;
+        let mut scheduler_config = components.schedule()?.config().clone();
+        scheduler_config.prediction_type = match config.model.prediction_type.as_str() {
+            "v_prediction" => PredictionType::VPrediction,
+            _ => PredictionType::Epsilon,
+        };
+        let schedule = DdpmSchedule::new(&scheduler_config);
+        let train_text_encoder = mode == TrainingMode::Finetune && config.model.train_text_encoder;
+        vae_store.freeze();
+        if !train_text_encoder {
+            text_encoder_store.freeze();
+        }
+        let hypernetwork = match mode {
+            TrainingMode::Finetune => None,
+            TrainingMode::Hypernetwork => {
+                unet_store.freeze();
+                Some(build_hypernetwork(config, device)?)
+            }
+        };
+        let autocast_bf16 = device.is_cuda() && config.train.mixed_precision == "bf16";
+        if autocast_bf16 {
+            // SAFETY: a plain setter of libtorch's thread-independent autocast settings.
+            unsafe {
+                autocast_ffi::set_autocast_dtype(
+                    autocast_ffi::DEVICE_TYPE_CUDA,
+                    autocast_ffi::SCALAR_TYPE_BFLOAT16,
+                )
+            };
+        }
+        let model = Self {
+            device,
+            mode,
+            model_path,
+            tokenizer,
+            framing,
+            clip_skip: config.model.clip_skip as usize,
+            text_encoder_store,
+            text_encoder,
+            unet_store,
+            unet,
+            vae_store,
+            vae,
+            schedule,
+            hypernetwork,
+            train_text_encoder,
+            autocast_bf16,
+        };
+        let trainable = model.trainable();
+        let trainable_elements: i64 = trainable
+            .iter()
+            .map(|(_, tensor)| tensor.numel() as i64)
+            .sum();
+        info!(
+            mode = mode.name(),
+            device = ?device,
+            tensors = trainable.len(),
+            parameters = trainable_elements,
+            autocast_bf16,
+            "model loaded"
+        );
+        Ok(model)
+    }
+
+    /// The trainable tensors, sorted by their prefixed names (shallow clones of the variables).
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        match self.mode {
+            TrainingMode::Hypernetwork => self
+                .hypernetwork
+                .as_ref()
+                .map(|hypernetwork| {
+                    prefixed_variables(hypernetwork.var_store(), HYPERNETWORK_PREFIX)
+                })
+                .unwrap_or_default(),
+            TrainingMode::Finetune => {
+                let mut trainable = prefixed_variables(&self.unet_store, UNET_PREFIX);
+                if self.train_text_encoder {
+                    trainable.extend(prefixed_variables(
+                        &self.text_encoder_store,
+                        TEXT_ENCODER_PREFIX,
+                    ));
+                }
+                trainable.sort_by(|left, right| left.0.cmp(&right.0));
+                trainable
+            }
+        }
+    }
+
+    /// Runs `f` under bf16 autocast when the run uses it.
+    pub fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        if self.autocast_bf16 {
+            tch::autocast(true, f)
+        } else {
+            f()
+        }
+    }
+
+    /// Tokenizes captions, records their lengths, frames them to the batch's chunk count
+    /// (at most `model.max_chunks`) and encodes them with CLIP at `clip_skip`: [B, 77·n, D].
+    /// Without gradient unless the text encoder trains.
+    pub fn encode_prompts(
+        &self,
+        prompts: &[String],
+        histogram: Option<&mut TokenLengthHistogram>,
+    ) -> Result<Tensor> {
+        let ids: Vec<Vec<i64>> = prompts
+            .iter()
+            .map(|prompt| self.tokenizer.encode(prompt))
+            .collect();
+        if let Some(histogram) = histogram {
+            for prompt_ids in &ids {
+                histogram.record(prompt_ids.len());
+            }
+        }
+        let framed = self
+            .framing
+            .frame_batch(&ids)
+            .to_tensor()
+            .to_device(self.device);
+        self.encode_framed(&framed)
+    }
+
+    /// Encodes framed ids [B, 77·n].
+    pub fn encode_framed(&self, framed: &Tensor) -> Result<Tensor> {
+        let encode = || {
+            self.autocast(|| {
+                self.text_encoder
+                    .encode_chunked(framed, self.clip_skip, PromptLayout::Chunked)
+            })
+        };
+        if self.train_text_encoder {
+            encode()
+        } else {
+            tch::no_grad(encode)
+        }
+    }
+
+    /// Images in [-1, 1] [B, 3, H, W] → latents sampled from the VAE posterior, times the VAE's
+    /// scaling factor; never with gradient. Uses the global RNG (seeded per step by the caller).
+    pub fn encode_images(&self, pixels: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let posterior = self.autocast(|| self.vae.encode(pixels));
+            posterior.sample().to_kind(Kind::Float) * self.vae.scaling_factor()
+        })
+    }
+
+    /// The diffusion loss of one micro-batch (plus the hypernetwork's optional depth-weighted
+    /// L2 penalty), attached to the graph, as an fp32 scalar.
+    pub fn loss(
+        &self,
+        latents: &Tensor,
+        noise: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let kv_transform = self
+            .hypernetwork
+            .as_ref()
+            .map(|hypernetwork| hypernetwork as &dyn KvContextTransform);
+        let batch = DiffusionBatch {
+            latents,
+            noise,
+            timesteps,
+            encoder_hidden_states: context,
+        };
+        let loss =
+            self.autocast(|| diffusion_loss(&self.unet, &self.schedule, &batch, kv_transform))?;
+        let loss = loss.loss.to_kind(Kind::Float);
+        Ok(match &self.hypernetwork {
+            Some(hypernetwork) => loss + hypernetwork.take_l2_penalty().to_kind(Kind::Float),
+            None => loss,
+        })
+    }
+
+    /// The model's weights for an export, by component, in diffusers naming. `trained`
+    /// replaces the trainable tensors by name (for example the EMA shadow).
+    pub fn export_components(
+        &self,
+        trained: Option<&[(String, Tensor)]>,
+    ) -> BTreeMap<Component, NamedTensors> {
+        let collect = |store: &nn::VarStore, prefix: &str| -> NamedTensors {
+            store
+                .variables()
+                .into_iter()
+                .map(|(name, tensor)| {
+                    let replacement = trained.and_then(|trained| {
+                        let full = format!("{prefix}{name}");
+                        trained
+                            .iter()
+                            .find(|(candidate, _)| *candidate == full)
+                            .map(|(_, tensor)| tensor.shallow_clone())
+                    });
+                    let tensor = replacement.unwrap_or(tensor);
+                    (name, tensor.detach().to_device(Device::Cpu).contiguous())
+                })
+                .collect()
+        };
+        BTreeMap::from([
+            (
+                Component::TextEncoder,
+                collect(&self.text_encoder_store, TEXT_ENCODER_PREFIX),
+            ),
+            (Component::Unet, collect(&self.unet_store, UNET_PREFIX)),
+            (Component::Vae, collect(&self.vae_store, "vae.")),
+        ])
+    }
+}
+
+/// The hypernetwork of `[hypernetwork]`, initialised after `tch::manual_seed(job.seed)`.
+fn build_hypernetwork(config: &JobConfig, device: Device) -> Result<Hypernetwork> {
+    let section = &config.hypernetwork;
+    let structure = HypernetworkStructure {
+        layer_structure: section.layer_structure.clone(),
+        activation: Activation::from_a1111_name(Some(&section.activation))?,
+        dropout_structure: vec![0.0; section.layer_structure.len()],
+        ..HypernetworkStructure::default()
+    };
+    let sizes: Vec<i64> = section.sizes.iter().map(|size| i64::from(*size)).collect();
+    tch::manual_seed(config.job.seed as i64);
+    let mut hypernetwork = Hypernetwork::new(
+        &sizes,
+        structure,
+        HypernetworkInfo {
+            name: config.job.name.clone(),
+            step: 0,
+            sd_checkpoint: None,
+            sd_checkpoint_name: Path::new(&config.model.path)
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned()),
+        },
+        device,
+    )?;
+    hypernetwork.train = true;
+    if !section.shallow_penalty.is_empty() {
+        hypernetwork.set_shallow_penalty(Some(ShallowPenalty {
+            level_weights: section.shallow_penalty.clone(),
+            ..ShallowPenalty::default()
+        }))?;
+    }
+    Ok(hypernetwork)
+}

@@ -1,0 +1,406 @@
+//! The trainer of `arbor-worker train` in one process (world size 1, no coordinator): the
+//! runtime's calls (start, train_batch, checkpoint, finish) made directly on a tiny SD-topology
+//! model (worker/tests/fixtures/make_fixtures.py) and a few generated images.
+
+mod model_fixtures;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use arbor_common::buckets::Bucket;
+use arbor_common::config::JobConfig;
+use arbor_common::sampler::BatchBucket;
+use arbor_runtime::trainer::{Batch, BatchItem, GroupInfo, Trainer};
+use arbor_worker::hypernetwork::pt_reader::read_pt;
+use arbor_worker::train::checkpoint::{checkpoint_key, mark_complete_without_coordinator};
+use arbor_worker::train::metrics_log::StepMetrics;
+use arbor_worker::train::run_dir::RunDir;
+use arbor_worker::train::trainer::{DeviceChoice, TchTrainer, TrainerOptions};
+use tch::Tensor;
+
+const CAPTIONS: [&str; 4] = [
+    "1girl, red dress, smile",
+    "landscape, mountains, sky, clouds",
+    "cat, sitting, window",
+    "1boy, blue shirt, outdoors",
+];
+
+struct Fixture {
+    _temp: tempfile::TempDir,
+    dataset: PathBuf,
+    run_dir: PathBuf,
+}
+
+/// Four small images of varied aspect ratios, one zero-byte "image", and a manifest.
+fn fixture() -> Fixture {
+    let temp = tempfile::tempdir().unwrap();
+    let dataset = temp.path().join("data");
+    std::fs::create_dir_all(&dataset).unwrap();
+    let sizes = [(40u32, 32u32), (32, 48), (48, 40), (32, 32)];
+    let mut manifest = String::new();
+    for (index, (width, height)) in sizes.iter().enumerate() {
+        let image = image::RgbImage::from_fn(*width, *height, |x, y| {
+            image::Rgb([
+                (x * 255 / width) as u8,
+                (y * 255 / height) as u8,
+                (index * 60) as u8,
+            ])
+        });
+        let key = format!("img{index}.png");
+        image.save(dataset.join(&key)).unwrap();
+        manifest.push_str(
+            &serde_json::json!({"id": index as u64 + 1, "key": key, "width": width, "height": height, "caption": CAPTIONS[index]})
+                .to_string(),
+        );
+        manifest.push('\n');
+    }
+    std::fs::write(dataset.join("broken.png"), b"").unwrap();
+    std::fs::write(dataset.join("manifest.jsonl"), manifest).unwrap();
+    let run_dir = temp.path().join("run");
+    Fixture {
+        _temp: temp,
+        dataset,
+        run_dir,
+    }
+}
+
+fn config(fixture: &Fixture, mode: &str, extra: &str) -> JobConfig {
+    let model = model_fixtures::fixtures_dir().join("model");
+    let text = format!(
+        r#"
+[job]
+name = "trainer-test"
+run_dir = "{run_dir}"
+seed = 7
+
+[data]
+manifest = "{manifest}"
+
+[buckets]
+max_area = 4096
+min_dim = 32
+max_dim = 64
+step = 32
+base_res = [32, 32]
+
+[schedule]
+bsz = 2
+max_steps = 100
+
+[model]
+path = "{model}"
+mode = "{mode}"
+
+[train]
+lr = "1e-3"
+mixed_precision = "fp32"
+{extra}
+
+[hypernetwork]
+sizes = [48, 32, 64]
+
+[samples]
+every = 2
+prompts = ["1girl, red dress", "cat"]
+negative = "lowres"
+steps = 2
+guidance = 5.0
+"#,
+        run_dir = fixture.run_dir.display(),
+        manifest = fixture.dataset.join("manifest.jsonl").display(),
+        model = model.display(),
+    );
+    JobConfig::load(&text, &[]).expect("the test config is valid")
+}
+
+fn solo(resume_checkpoint: &str, resume_step: u64) -> GroupInfo {
+    GroupInfo {
+        rank: 0,
+        world_size: 1,
+        generation: 1,
+        store_address: String::new(),
+        store_prefix: String::new(),
+        resume_checkpoint: resume_checkpoint.to_string(),
+        resume_step,
+    }
+}
+
+fn item(id: u64, key: &str) -> BatchItem {
+    BatchItem {
+        id,
+        key: key.to_string(),
+        caption: CAPTIONS
+            .get(id as usize - 1)
+            .copied()
+            .unwrap_or("broken")
+            .to_string(),
+        width: 32,
+        height: 32,
+    }
+}
+
+fn batch(index: u64, ids: [u64; 2]) -> Batch {
+    Batch {
+        epoch: 0,
+        index,
+        bucket: BatchBucket::CatchAll,
+        resolution: Bucket {
+            width: 32,
+            height: 32,
+        },
+        items: ids
+            .iter()
+            .map(|id| item(*id, &format!("img{}.png", id - 1)))
+            .collect(),
+    }
+}
+
+fn trainer() -> TchTrainer {
+    TchTrainer::new(TrainerOptions {
+        device: DeviceChoice::Cpu,
+        data_root: None,
+        collective_timeout: None,
+    })
+}
+
+/// Detached copies of a VarStore's variables by name.
+fn snapshot(store: &tch::nn::VarStore) -> HashMap<String, Tensor> {
+    store
+        .variables()
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.detach().copy()))
+        .collect()
+}
+
+fn trainable_snapshot(trainer: &TchTrainer) -> HashMap<String, Tensor> {
+    trainer
+        .trainable()
+        .unwrap()
+        .iter()
+        .map(|(name, tensor)| (name.clone(), tensor.detach().copy()))
+        .collect()
+}
+
+fn max_change(before: &HashMap<String, Tensor>, after: &HashMap<String, Tensor>) -> f64 {
+    before
+        .iter()
+        .map(|(name, tensor)| (tensor - &after[name]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+fn read_metrics(run_dir: &Path) -> Vec<StepMetrics> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn assert_png(path: &Path) {
+    let image = image::open(path).unwrap_or_else(|error| panic!("{path:?}: {error}"));
+    assert!(image.width() > 0 && image.height() > 0, "{path:?} is empty");
+}
+
+const BATCHES: [[u64; 2]; 3] = [[1, 2], [3, 4], [2, 3]];
+
+/// libtorch's CPU generator is process-global and the trainer seeds it per step: tests that
+/// train run one at a time so that no other test draws from it in between.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[test]
+fn hypernetwork_mode_trains_only_the_hypernetwork_and_exports_it() {
+    let _serial = serial();
+    let fixture = fixture();
+    let config = config(&fixture, "hypernetwork", "");
+    let mut trainer = trainer();
+    trainer.start(&solo("", 0), &config).unwrap();
+    let model = trainer.model().unwrap();
+    let unet_before = snapshot(&model.unet_store);
+    let clip_before = snapshot(&model.text_encoder_store);
+    let vae_before = snapshot(&model.vae_store);
+    let trainable_before = trainable_snapshot(&trainer);
+    assert!(trainable_before
+        .keys()
+        .all(|name| name.starts_with("hypernetwork.")));
+    for (index, ids) in BATCHES.iter().enumerate() {
+        let outcome = trainer.train_batch(&batch(index as u64, *ids)).unwrap();
+        assert!(outcome.loss.is_finite(), "loss {}", outcome.loss);
+        assert_eq!(outcome.failed_items, 0);
+    }
+    assert_eq!(trainer.step(), 3);
+    let model = trainer.model().unwrap();
+    assert_eq!(max_change(&unet_before, &snapshot(&model.unet_store)), 0.0);
+    assert_eq!(
+        max_change(&clip_before, &snapshot(&model.text_encoder_store)),
+        0.0
+    );
+    assert_eq!(max_change(&vae_before, &snapshot(&model.vae_store)), 0.0);
+    assert!(max_change(&trainable_before, &trainable_snapshot(&trainer)) > 0.0);
+    trainer.finish().unwrap();
+
+    let metrics = read_metrics(&fixture.run_dir);
+    assert_eq!(
+        metrics.iter().map(|record| record.step).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert!(metrics
+        .iter()
+        .all(|record| record.loss.is_finite() && record.lr > 0.0));
+    assert!(metrics.iter().all(|record| record.bucket == "32x32"));
+    assert_eq!(metrics[0].token_length_histogram.total(), 2);
+    assert_png(&fixture.run_dir.join("samples/step-2.png"));
+    assert_png(&fixture.run_dir.join("samples/step-3.png"));
+    assert_png(&fixture.run_dir.join("loss.png"));
+    let pt = read_pt(&fixture.run_dir.join("exports/hypernetwork.pt")).unwrap();
+    assert_eq!(pt.modules.keys().copied().collect::<Vec<_>>(), [32, 48, 64]);
+    assert_eq!(pt.step, 3);
+    assert!(fixture
+        .run_dir
+        .join("exports/hypernetwork.safetensors")
+        .is_file());
+}
+
+#[test]
+fn finetune_mode_trains_the_unet_and_exports_single_file_and_diffusers() {
+    let _serial = serial();
+    let fixture = fixture();
+    let config = config(&fixture, "finetune", "");
+    let mut trainer = trainer();
+    trainer.start(&solo("", 0), &config).unwrap();
+    let model = trainer.model().unwrap();
+    let unet_before = snapshot(&model.unet_store);
+    let clip_before = snapshot(&model.text_encoder_store);
+    let vae_before = snapshot(&model.vae_store);
+    assert!(trainer
+        .trainable()
+        .unwrap()
+        .iter()
+        .all(|(name, _)| name.starts_with("unet.")));
+    for (index, ids) in BATCHES.iter().take(2).enumerate() {
+        let outcome = trainer.train_batch(&batch(index as u64, *ids)).unwrap();
+        assert!(outcome.loss.is_finite());
+    }
+    let model = trainer.model().unwrap();
+    assert!(max_change(&unet_before, &snapshot(&model.unet_store)) > 0.0);
+    assert_eq!(
+        max_change(&clip_before, &snapshot(&model.text_encoder_store)),
+        0.0
+    );
+    assert_eq!(max_change(&vae_before, &snapshot(&model.vae_store)), 0.0);
+    trainer.finish().unwrap();
+    assert_eq!(read_metrics(&fixture.run_dir).len(), 2);
+    let single_file = fixture.run_dir.join("exports/model.safetensors");
+    let tensors = Tensor::read_safetensors(&single_file).unwrap();
+    assert!(tensors
+        .iter()
+        .any(|(name, _)| name.starts_with("model.diffusion_model.")));
+    assert!(tensors
+        .iter()
+        .any(|(name, _)| name.starts_with("cond_stage_model.transformer.text_model.")));
+    // The exported UNet is the trained one.
+    let diffusers_unet = fixture
+        .run_dir
+        .join("exports/diffusers/unet/diffusion_pytorch_model.safetensors");
+    let exported: HashMap<String, Tensor> = Tensor::read_safetensors(&diffusers_unet)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let trained = snapshot(&trainer.model().unwrap().unet_store);
+    assert_eq!(exported.len(), trained.len());
+    assert_eq!(max_change(&trained, &exported), 0.0);
+    assert!(fixture
+        .run_dir
+        .join("exports/diffusers/unet/config.json")
+        .is_file());
+}
+
+#[test]
+fn a_bad_image_is_reported_and_training_continues() {
+    let _serial = serial();
+    let fixture = fixture();
+    let config = config(&fixture, "hypernetwork", "");
+    let mut trainer = trainer();
+    trainer.start(&solo("", 0), &config).unwrap();
+    let mut broken = batch(0, [1, 2]);
+    broken.items[1] = BatchItem {
+        id: 99,
+        key: "broken.png".to_string(),
+        caption: "broken".to_string(),
+        width: 32,
+        height: 32,
+    };
+    let outcome = trainer.train_batch(&broken).unwrap();
+    assert_eq!(outcome.failed_items, 1);
+    assert!(outcome.loss.is_finite());
+    let mut missing = batch(1, [3, 4]);
+    missing.items[0].key = "does-not-exist.png".to_string();
+    let outcome = trainer.train_batch(&missing).unwrap();
+    assert_eq!(outcome.failed_items, 1);
+    let outcome = trainer.train_batch(&batch(2, [3, 4])).unwrap();
+    assert_eq!(outcome.failed_items, 0);
+    assert_eq!(trainer.step(), 3);
+    trainer.finish().unwrap();
+    let failed: Vec<u32> = read_metrics(&fixture.run_dir)
+        .iter()
+        .map(|record| record.failed_items)
+        .collect();
+    assert_eq!(failed, [1, 1, 0]);
+}
+
+#[test]
+fn resume_from_a_checkpoint_restores_the_exact_state() {
+    let _serial = serial();
+    let fixture = fixture();
+    let config = config(&fixture, "hypernetwork", "ema_decay = 0.9");
+    let mut trainer = trainer();
+    trainer.start(&solo("", 0), &config).unwrap();
+    let initial = trainable_snapshot(&trainer);
+    trainer.train_batch(&batch(0, BATCHES[0])).unwrap();
+    trainer.train_batch(&batch(1, BATCHES[1])).unwrap();
+    trainer.checkpoint(2, 0, 2).unwrap();
+    let at_checkpoint = trainable_snapshot(&trainer);
+    trainer.train_batch(&batch(2, BATCHES[2])).unwrap();
+    let after_three = trainable_snapshot(&trainer);
+    assert!(max_change(&at_checkpoint, &after_three) > 0.0);
+
+    // A partial checkpoint (no COMPLETE) is refused.
+    let key = checkpoint_key(2);
+    let error = trainer.start(&solo(&key, 2), &config).unwrap_err();
+    assert!(error.contains("COMPLETE"), "{error}");
+
+    let run_dir = RunDir::open(fixture.run_dir.to_str().unwrap()).unwrap();
+    mark_complete_without_coordinator(&run_dir, &key).unwrap();
+    // A survivor rolls back in-process.
+    trainer.start(&solo(&key, 2), &config).unwrap();
+    assert_eq!(trainer.step(), 2);
+    assert_eq!(
+        max_change(&at_checkpoint, &trainable_snapshot(&trainer)),
+        0.0
+    );
+    // A restarted process resumes to the same state, and its next step matches the
+    // uninterrupted run's (same optimizer state, same seeded noise).
+    let mut restarted = self::trainer();
+    restarted.start(&solo(&key, 2), &config).unwrap();
+    assert_eq!(
+        max_change(&at_checkpoint, &trainable_snapshot(&restarted)),
+        0.0
+    );
+    restarted.train_batch(&batch(2, BATCHES[2])).unwrap();
+    assert!(max_change(&after_three, &trainable_snapshot(&restarted)) < 1e-6);
+    // The metrics of the rolled-back stretch are dropped on resume.
+    restarted.finish().unwrap();
+    let steps: Vec<u64> = read_metrics(&fixture.run_dir)
+        .iter()
+        .map(|record| record.step)
+        .collect();
+    assert_eq!(steps, [1, 2, 3]);
+
+    // A start without a checkpoint resets to the initial weights.
+    trainer.start(&solo("", 0), &config).unwrap();
+    assert_eq!(trainer.step(), 0);
+    assert_eq!(max_change(&initial, &trainable_snapshot(&trainer)), 0.0);
+}
