@@ -1,39 +1,217 @@
 #!/usr/bin/env bash
-# The README's demo command. For now (training arrives with the worker) it builds `arbor`,
-# generates a small synthetic manifest of varied aspect ratios under demo/, and prints the
-# bucket table and the epoch plan a 2-rank job would run.
+# The README's demo: trains a small Stable Diffusion 1.x-topology model on CPU with a coordinator
+# and 2 workers (Gloo), on a generated dataset, in a few minutes. Everything lands in demo/:
+#
+#   demo/data/images/      96 pictures of coloured shapes, 12 aspect ratios, tag captions (.txt)
+#   demo/data/manifest.jsonl   made by `arbor index`
+#   demo/model/            an SD1-topology diffusers model with random weights (scripts/demo/)
+#   demo/runs/finetune/    phase 1: fine-tunes the UNet (the loss falls from ~1 within minutes)
+#   demo/runs/hypernetwork/ phase 2: trains an AUTOMATIC1111 hypernetwork on the phase-1 model
+#
+# Each run directory holds job.toml, state.json, ledger/, metrics.jsonl, loss.png, samples/,
+# checkpoints/ and exports/ (DESIGN §7). Re-running reuses the venv, the binaries, the dataset and
+# the model; a finished run is trained again from scratch, an interrupted one (Ctrl-C) resumes
+# from its last complete checkpoint.
+#
+#   scripts/demo.sh [--dry-run] [--phases "finetune hypernetwork"]
+#     --dry-run   runs the same job without a model (`arbor worker --dry-run`): join, shards,
+#                 batches loaded and cropped, heartbeats, checkpoints; no training
+#   environment: ARBOR_DEMO_DIR (demo/), ARBOR_DEMO_PROFILE (release|debug), ARBOR_DEMO_PORT
+#   (50151; +1 for metrics), ARBOR_DEMO_FINETUNE_EPOCHS, ARBOR_DEMO_HYPERNETWORK_EPOCHS
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
+
+dry_run=0
+phases="finetune hypernetwork"
+while (($#)); do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --phases) phases="$2"; shift ;;
+    --phases=*) phases="${1#*=}" ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "demo.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
 demo_dir="${ARBOR_DEMO_DIR:-$repo_root/demo}"
-mkdir -p "$demo_dir"
+profile="${ARBOR_DEMO_PROFILE:-release}"
+port="${ARBOR_DEMO_PORT:-50151}"
+image_count=96
+bsz=4
+workers=2
+started_at=$SECONDS
 
-echo "[demo] building arbor" >&2
-cargo build --release --quiet -p arbor-coordinator
-arbor="$repo_root/target/release/arbor"
+log() { printf '[demo %4ds] %s\n' "$((SECONDS - started_at))" "$*" >&2; }
+fail() { log "FAILED: $*"; exit 1; }
 
-echo "[demo] writing a synthetic manifest to $demo_dir/manifest.jsonl" >&2
-python3 - "$demo_dir/manifest.jsonl" <<'PY'
-import json, random, sys
-random.seed(7)
-shapes = [(512, 512), (512, 768), (768, 512), (1920, 1080), (1080, 1920), (1024, 256), (3000, 400)]
-tags = ["1girl", "solo", "red dress", "smile", "outdoors", "night", "cat", "landscape"]
-with open(sys.argv[1], "w") as manifest:
-    for item in range(2000):
-        width, height = random.choice(shapes)
-        scale = random.uniform(0.5, 2.0)
-        record = {
-            "id": item,
-            "key": f"images/{item:05d}.png",
-            "width": max(1, int(width * scale)),
-            "height": max(1, int(height * scale)),
-            "caption": ", ".join(random.sample(tags, 3)),
-        }
-        manifest.write(json.dumps(record) + "\n")
-PY
+# --- 1. setup: Debian packages and the venv (torch, diffusers, …), skipped when present -----------
+log "setup (scripts/setup.sh; first run downloads ~5 GB of Python wheels)"
+scripts/setup.sh
+# shellcheck disable=SC1091
+source scripts/env.sh
+python_bin="$ARBOR_PYTHON_BIN"
 
-echo; echo "== arbor plan buckets"
-"$arbor" plan buckets
-echo; echo "== arbor plan epoch --bsz 4 --world-size 2 --seed 42 --epoch 0"
-"$arbor" plan epoch --manifest "$demo_dir/manifest.jsonl" --bsz 4 --world-size 2 --seed 42 --epoch 0
-echo; echo "[demo] JSON for scripts: $arbor plan epoch --manifest $demo_dir/manifest.jsonl --bsz 4 --world-size 2 --json --batches" >&2
+# --- 2. build ----------------------------------------------------------------------------------------
+target_dir="${CARGO_TARGET_DIR:-$repo_root/target}"
+build_started=$SECONDS
+if [ "$profile" = release ]; then
+  log "building arbor and arbor-worker (cargo build --release; the first build takes minutes)"
+  cargo build --release --quiet -p arbor-coordinator -p arbor-worker
+  bin_dir="$target_dir/release"
+else
+  log "building arbor and arbor-worker (cargo build, debug profile)"
+  cargo build --quiet -p arbor-coordinator -p arbor-worker
+  bin_dir="$target_dir/debug"
+fi
+arbor="$bin_dir/arbor"
+log "built in $((SECONDS - build_started))s: $arbor, $bin_dir/arbor-worker"
+after_build=$SECONDS
+
+# --- 3. dataset --------------------------------------------------------------------------------------
+mkdir -p "$demo_dir/data"
+log "dataset: $image_count pictures with tag captions in $demo_dir/data/images"
+"$python_bin" scripts/demo/make_demo_dataset.py "$demo_dir/data" --count "$image_count"
+manifest="$demo_dir/data/manifest.jsonl"
+if [ ! -s "$manifest" ] || [ "$demo_dir/data/COMPLETE" -nt "$manifest" ]; then
+  log "arbor index $demo_dir/data/images --out $manifest"
+  "$arbor" index "$demo_dir/data/images" --out "$manifest.tmp" --report "$demo_dir/data/index-report.json"
+  mv "$manifest.tmp" "$manifest"
+fi
+
+# --- 4. model ----------------------------------------------------------------------------------------
+log "model: a small SD1-topology diffusers model with random weights in $demo_dir/model"
+model_facts="$("$python_bin" scripts/demo/make_demo_model.py "$demo_dir/model" --preset demo | tail -n 1)"
+hypernetwork_sizes="$("$python_bin" -c 'import json,sys; print(json.loads(sys.argv[1])["hypernetwork_sizes"])' "$model_facts")"
+
+bucket_flags=(--max-area 16384 --min-dim 64 --max-dim 256 --step 32 --base-res 128x128)
+plan_json="$("$arbor" plan epoch --manifest "$manifest" --bsz "$bsz" --world-size "$workers" --seed 42 --epoch 0 --json "${bucket_flags[@]}")"
+steps_per_epoch="$("$python_bin" -c 'import json,sys; print(json.loads(sys.argv[1])["batches_per_rank"])' "$plan_json")"
+log "plan: $("$python_bin" scripts/demo/report.py plan <<<"$plan_json")"
+"$arbor" plan buckets "${bucket_flags[@]}" | sed 's/^/    /' >&2
+
+# --- 5. one run per phase ----------------------------------------------------------------------------
+# write_job PHASE MODEL MODE LR EPOCHS → the phase's job.toml
+write_job() {
+  local phase="$1" model="$2" mode="$3" lr="$4" epochs="$5"
+  local job_dir="$demo_dir/jobs/$phase"
+  mkdir -p "$job_dir"
+  sed -e "s|@NAME@|demo-$phase|" \
+    -e "s|@RUN_DIR@|$demo_dir/runs/$phase|" \
+    -e "s|@MANIFEST@|$manifest|" \
+    -e "s|@DATA_ROOT@|$demo_dir/data/images|" \
+    -e "s|@MODEL@|$model|" \
+    -e "s|@MODE@|$mode|" \
+    -e "s|@LR@|$lr|" \
+    -e "s|@BSZ@|$bsz|" \
+    -e "s|@EPOCHS@|$epochs|" \
+    -e "s|@WARMUP@|10|" \
+    -e "s|@CHECKPOINT_EVERY@|$((steps_per_epoch * 4))|" \
+    -e "s|@SAMPLES_EVERY@|$((steps_per_epoch * epochs / 3 + 1))|" \
+    -e "s|@HN_SIZES@|$hypernetwork_sizes|" \
+    -e "s|@PORT@|$port|" \
+    -e "s|@METRICS_PORT@|$((port + 1))|" \
+    scripts/demo/job.template.toml >"$job_dir/job.toml.new"
+  echo "$job_dir/job.toml"
+}
+
+# run_phase PHASE MODEL MODE LR EPOCHS
+run_phase() {
+  local phase="$1" epochs="$5"
+  local job run_dir total_steps launch_log launch_pid status
+  job="$(write_job "$@")"
+  run_dir="$demo_dir/runs/$phase"
+  # A finished run, or one made with another config, starts over; an interrupted one resumes.
+  if [ -f "$run_dir/state.json" ]; then
+    if ! cmp -s "$job.new" "$job" || grep -q '"finished": *true' "$run_dir/state.json"; then
+      rm -rf "$run_dir"
+    else
+      log "$phase: resuming the interrupted run in $run_dir"
+    fi
+  fi
+  mv "$job.new" "$job"
+  total_steps=$((steps_per_epoch * epochs))
+  launch_log="$demo_dir/jobs/$phase/launch.log"
+  local what="training ($3, $total_steps steps: $epochs epochs of $steps_per_epoch)"
+  # One libtorch thread per worker: 2 workers share the 2 cores of a small machine.
+  local launch_flags=(--worker-arg=--device=cpu --worker-arg=--threads="${ARBOR_DEMO_THREADS:-1}")
+  if ((dry_run)); then
+    what="DRY RUN (no model, no training: batches are loaded and cropped, nothing learns)"
+    launch_flags=(--dry-run --worker-arg=--simulate-step-ms=50)
+  fi
+  log "$phase: arbor launch --config $job --workers $workers ${launch_flags[*]}: $what"
+  log "$phase: coordinator and worker logs: $launch_log"
+  local phase_started=$SECONDS
+  ARBOR_LOG="${ARBOR_LOG:-info}" RUST_LOG="${RUST_LOG:-info}" \
+    "$arbor" launch --config "$job" --workers "$workers" "${launch_flags[@]}" >"$launch_log" 2>&1 &
+  launch_pid=$!
+  trap 'kill -INT "$launch_pid" 2>/dev/null; wait "$launch_pid"; log "interrupted; run the demo again to resume"; exit 130' INT TERM
+  while kill -0 "$launch_pid" 2>/dev/null; do
+    sleep 10
+    if kill -0 "$launch_pid" 2>/dev/null; then
+      if ((dry_run)); then
+        log "$phase: $(grep -c '' "$run_dir"/ledger/epoch-*.jsonl 2>/dev/null | awk -F: '{s+=$NF} END {print s+0}') batches in the ledger"
+      else
+        log "$phase: $("$python_bin" scripts/demo/report.py progress "$run_dir" --total-steps "$total_steps")"
+      fi
+    fi
+  done
+  status=0
+  wait "$launch_pid" || status=$?
+  trap - INT TERM
+  if ((status != 0)); then
+    tail -n 40 "$launch_log" >&2
+    fail "$phase: arbor launch exited with $status (full log: $launch_log)"
+  fi
+  log "$phase: finished in $((SECONDS - phase_started))s"
+  phase_seconds[$phase]=$((SECONDS - phase_started))
+}
+
+declare -A phase_seconds=()
+finetune_epochs="${ARBOR_DEMO_FINETUNE_EPOCHS:-10}"
+hypernetwork_epochs="${ARBOR_DEMO_HYPERNETWORK_EPOCHS:-4}"
+for phase in $phases; do
+  case "$phase" in
+    finetune) run_phase finetune "$demo_dir/model" finetune 3e-4 "$finetune_epochs" ;;
+    hypernetwork)
+      base="$demo_dir/runs/finetune/exports/diffusers"
+      if ((dry_run)) || [ ! -f "$base/model_index.json" ]; then base="$demo_dir/model"; fi
+      run_phase hypernetwork "$base" hypernetwork 1e-3 "$hypernetwork_epochs"
+      ;;
+    *) fail "unknown phase $phase (finetune, hypernetwork)" ;;
+  esac
+done
+
+# --- 6. where everything is ----------------------------------------------------------------------
+echo
+if ((dry_run)); then
+  echo "== DRY RUN: the job ran end to end without a model; nothing was trained"
+fi
+for phase in $phases; do
+  run_dir="$demo_dir/runs/$phase"
+  echo "== $phase"
+  if ((dry_run)); then
+    echo "  run directory  $run_dir (ledger/, state.json, checkpoints/)"
+    continue
+  fi
+  "$python_bin" scripts/demo/report.py summary "$run_dir" || fail "$phase: no metrics in $run_dir"
+  if [ "$phase" = finetune ]; then
+    check=(finetune --exports "$run_dir/exports" --base-model "$demo_dir/model")
+  else
+    check=(hypernetwork --exports "$run_dir/exports" --sizes "$(tr -d '[] ' <<<"$hypernetwork_sizes")")
+  fi
+  if result="$("$python_bin" worker/tests/fixtures/check_exports.py "${check[@]}" 2>&1)"; then
+    if [ "$phase" = finetune ]; then
+      echo "  loads in       diffusers StableDiffusionPipeline.from_single_file and .from_pretrained"
+    else
+      echo "  loads in       torch.load(weights_only=True), as AUTOMATIC1111 and ComfyUI load it"
+    fi
+  else
+    echo "  export check   FAILED: $result"
+  fi
+done
+echo
+timings=""
+for phase in $phases; do timings+=" $phase ${phase_seconds[$phase]:-?}s,"; done
+log "done: $((SECONDS - after_build))s after the build (${timings# }${timings:+ }build $((after_build - build_started))s)"

@@ -9,9 +9,16 @@ scripts/setup.sh
 # shellcheck disable=SC1091
 [ -f scripts/env.sh ] && source scripts/env.sh
 
+# A one-off build gains nothing from incremental compilation, and its caches would double the
+# target folder (the worker's ~30 test binaries each link libtorch's bindings).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "[test] cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The end-to-end tests run the built `arbor` and `arbor-worker` binaries of the workspace.
+echo "[test] cargo build" >&2
+cargo build --workspace --quiet
 echo "[test] cargo test" >&2
 cargo test --workspace --quiet

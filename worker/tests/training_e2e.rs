@@ -1,0 +1,405 @@
+//! Training end to end with real processes (issue 7): `arbor coordinator` and 2 `arbor-worker
+//! train` ranks on Gloo, a tiny SD1-topology model on tiny images, on CPU. The exports load in
+//! the Python tools users load them with; a worker SIGKILLed mid-epoch is replaced and the job
+//! resumes from the last complete checkpoint; a checkpoint without COMPLETE is never resumed.
+//! Every job keeps the ledger exact: each item of each epoch trained once after rollbacks.
+//!
+//! Needs the `arbor` binary beside `arbor-worker` (`cargo build -p arbor-coordinator` with the
+//! same target folder) and the project's venv (scripts/setup.sh; ARBOR_PYTHON_BIN).
+
+mod e2e_support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use e2e_support::{check_exports, one_job_at_a_time, tiny_model, Job, JobSpec};
+use serde_json::Value;
+
+const JOB_LIMIT: Duration = Duration::from_secs(240);
+
+/// Items per epoch that a 2-rank job of `bsz` trains: all 24 but the trim.
+fn global_batch(spec: &JobSpec) -> usize {
+    2 * spec.bsz as usize
+}
+
+fn steps_per_epoch(spec: &JobSpec) -> u64 {
+    (spec.items / global_batch(spec)) as u64
+}
+
+fn assert_metrics_cover_every_step(job: &Job, total_steps: u64, exactly_once: bool) {
+    let (by_step, lines) = job.metrics();
+    let steps: Vec<u64> = by_step.keys().copied().collect();
+    assert_eq!(
+        steps.len() as u64,
+        total_steps,
+        "metrics.jsonl steps {steps:?}, expected {total_steps}"
+    );
+    let first = steps[0];
+    assert!(first <= 1, "metrics start at step {first}");
+    assert_eq!(
+        steps,
+        (first..first + total_steps).collect::<Vec<_>>(),
+        "metrics.jsonl has a hole"
+    );
+    for (step, record) in &by_step {
+        let loss = record["loss"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("step {step}: no numeric loss in {record}"));
+        assert!(loss.is_finite() && loss > 0.0, "step {step}: loss {loss}");
+    }
+    if exactly_once {
+        assert_eq!(lines as u64, total_steps, "one metrics record per step");
+    }
+}
+
+fn mean_loss(records: &[&Value]) -> f64 {
+    records
+        .iter()
+        .map(|record| record["loss"].as_f64().unwrap())
+        .sum::<f64>()
+        / records.len() as f64
+}
+
+#[test]
+fn a_two_worker_finetune_runs_to_completion_and_its_exports_load_in_diffusers() {
+    let _one = one_job_at_a_time();
+    let spec = JobSpec {
+        epochs: 3,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    job.start_worker(0);
+    job.start_worker(1);
+    job.wait_coordinator_success(JOB_LIMIT);
+    for status in job.wait_workers(Duration::from_secs(30)) {
+        assert!(
+            status.success(),
+            "a worker failed: {status}\n{}",
+            job.logs()
+        );
+    }
+
+    let state = job.state();
+    assert_eq!(state["finished"], true, "{state}");
+    assert_eq!(state["generation"], 1, "no regroup happened: {state}");
+    for epoch in 0..spec.epochs {
+        job.assert_ledger_exact(epoch, 1, global_batch(&spec));
+        assert_eq!(job.rolled_back(epoch), 0);
+    }
+    let total_steps = spec.epochs * steps_per_epoch(&spec);
+    assert_metrics_cover_every_step(&job, total_steps, true);
+    let (by_step, _) = job.metrics();
+    let records: Vec<&Value> = by_step.values().collect();
+    let (first, last) = (
+        mean_loss(&records[..4]),
+        mean_loss(&records[records.len() - 4..]),
+    );
+    eprintln!("finetune loss: first 4 steps {first:.4}, last 4 steps {last:.4}");
+
+    let run = job.run_dir();
+    let (complete, partial) = job.checkpoints();
+    assert!(!complete.is_empty(), "no complete checkpoint");
+    assert!(partial.is_empty(), "partial checkpoints {partial:?}");
+    assert!(run.join("loss.png").is_file(), "loss.png");
+    let samples = std::fs::read_dir(run.join("samples"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert!(samples > 0, "no sample grid in samples/");
+
+    let exports = run.join("exports");
+    assert!(exports.join("model.safetensors").is_file());
+    assert!(exports.join("diffusers/model_index.json").is_file());
+    let checked = check_exports(&[
+        "finetune",
+        "--exports",
+        &exports.display().to_string(),
+        "--base-model",
+        &tiny_model().dir.display().to_string(),
+    ]);
+    eprintln!("check_exports: {checked}");
+    assert!(checked["unet_tensors_changed"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn a_two_worker_hypernetwork_job_exports_a_pt_that_torch_load_accepts() {
+    let _one = one_job_at_a_time();
+    let spec = JobSpec {
+        epochs: 1,
+        mode: "hypernetwork",
+        samples_every: 100,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    job.start_worker(0);
+    job.start_worker(1);
+    job.wait_coordinator_success(JOB_LIMIT);
+    for status in job.wait_workers(Duration::from_secs(30)) {
+        assert!(
+            status.success(),
+            "a worker failed: {status}\n{}",
+            job.logs()
+        );
+    }
+    job.assert_ledger_exact(0, 1, global_batch(&spec));
+    assert_metrics_cover_every_step(&job, steps_per_epoch(&spec), true);
+
+    let exports = job.run_dir().join("exports");
+    assert!(exports.join("hypernetwork.pt").is_file());
+    assert!(exports.join("hypernetwork.safetensors").is_file());
+    let sizes = tiny_model()
+        .hypernetwork_sizes
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let checked = check_exports(&[
+        "hypernetwork",
+        "--exports",
+        &exports.display().to_string(),
+        "--sizes",
+        &sizes,
+    ]);
+    eprintln!("check_exports: {checked}");
+    assert_eq!(checked["step"], steps_per_epoch(&spec));
+}
+
+/// The coordinator's "group formed" events: (generation, world size, epoch, from batch).
+fn groups_formed(log: &str) -> Vec<(u64, u64, u64, u64)> {
+    log.lines()
+        .filter_map(|line| {
+            let rest = &line[line.find("group formed: generation ")? + 25..];
+            let numbers: Vec<u64> = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|part| !part.is_empty())
+                .filter_map(|part| part.parse().ok())
+                .collect();
+            // generation G, world size W, epoch E segment S from batch B
+            (numbers.len() >= 5).then(|| (numbers[0], numbers[1], numbers[2], numbers[4]))
+        })
+        .collect()
+}
+
+/// Waits until the job has a complete checkpoint and the current epoch trained past it, then
+/// returns the last checkpoint record.
+fn wait_past_a_checkpoint(job: &Job) -> Value {
+    job.wait_until(
+        Duration::from_secs(120),
+        "batches past a complete checkpoint",
+        |job| {
+            let state = job.state();
+            let checkpoint = &state["last_checkpoint"];
+            if checkpoint.is_null() || state["finished"] == true {
+                return false;
+            }
+            let epoch = state["epoch"].as_u64().unwrap_or(0);
+            let from = if checkpoint["epoch"].as_u64() == Some(epoch) {
+                checkpoint["batch"].as_u64().unwrap_or(0)
+            } else {
+                0
+            };
+            job.ledger_lines(epoch)
+                .iter()
+                .any(|line| line["batch"].as_u64() > Some(from))
+        },
+    );
+    job.state()["last_checkpoint"].clone()
+}
+
+fn expected_resume_batch(state: &Value) -> u64 {
+    let checkpoint = &state["last_checkpoint"];
+    if checkpoint["epoch"] == state["epoch"] {
+        checkpoint["batch"].as_u64().unwrap()
+    } else {
+        0
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_epoch_is_replaced_and_the_job_resumes_from_the_last_checkpoint() {
+    let _one = one_job_at_a_time();
+    let spec = JobSpec {
+        items: 36,
+        epochs: 2,
+        checkpoint_every: 3,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    job.start_worker(0);
+    job.start_worker(1);
+    wait_past_a_checkpoint(&job);
+    Job::signal(job.workers[1].id(), "-KILL");
+    std::thread::sleep(Duration::from_millis(200));
+    // No checkpoint completes without the killed rank: this is the one to resume from.
+    let state_at_kill = job.state();
+    let resume_batch = expected_resume_batch(&state_at_kill);
+    let epoch_at_kill = state_at_kill["epoch"].as_u64().unwrap();
+    eprintln!(
+        "killed worker 1 in epoch {epoch_at_kill}; last checkpoint {}",
+        state_at_kill["last_checkpoint"]
+    );
+    job.start_worker(1);
+    job.wait_coordinator_success(JOB_LIMIT);
+    let statuses = job.wait_workers(Duration::from_secs(30));
+    assert!(
+        statuses[0].success(),
+        "the survivor failed: {}\n{}",
+        statuses[0],
+        job.logs()
+    );
+    assert!(
+        statuses[2].success(),
+        "the replacement failed: {}\n{}",
+        statuses[2],
+        job.logs()
+    );
+
+    let state = job.state();
+    assert_eq!(state["finished"], true, "{state}");
+    let log = job.coordinator_log();
+    let groups = groups_formed(&log);
+    let regrouped = groups
+        .iter()
+        .find(|group| group.0 >= 2)
+        .unwrap_or_else(|| panic!("no second group formed: {groups:?}\n{}", job.logs()));
+    assert_eq!(regrouped.1, 2, "the replacement joined: {groups:?}");
+    assert_eq!(
+        (regrouped.2, regrouped.3),
+        (epoch_at_kill, resume_batch),
+        "resumed at the last complete checkpoint: {groups:?}"
+    );
+    for epoch in 0..spec.epochs {
+        // One plan per world size the epoch ran with; the world size never changed.
+        job.assert_ledger_exact(epoch, 1, global_batch(&spec));
+    }
+    assert!(
+        job.rolled_back(epoch_at_kill) > 0,
+        "the batches trained after the checkpoint were rolled back\n{}",
+        job.logs()
+    );
+    let total_steps = spec.epochs * steps_per_epoch(&spec);
+    assert_metrics_cover_every_step(&job, total_steps, false);
+    let (_, partial) = job.checkpoints();
+    for step in partial {
+        let folder = job.run_dir().join(format!("checkpoints/step-{step}"));
+        assert!(!folder.join("COMPLETE").exists());
+    }
+    assert!(job.run_dir().join("exports/model.safetensors").is_file());
+}
+
+/// Copies every file of `from` but COMPLETE into `to`, halving each (weights and optimizer state
+/// cut mid-write) except the coordinator's record, which is rewritten for `step`.
+fn plant_partial_checkpoint(from: &Path, to: &Path, step: u64) {
+    std::fs::create_dir_all(to).unwrap();
+    let mut planted = 0;
+    for entry in walk(from) {
+        let relative = entry.strip_prefix(from).unwrap();
+        if relative == Path::new("COMPLETE") {
+            continue;
+        }
+        let target = to.join(relative);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let bytes = std::fs::read(&entry).unwrap();
+        if relative == Path::new("coordinator.json") {
+            let mut record: Value = serde_json::from_slice(&bytes).unwrap();
+            record["step"] = step.into();
+            record["path"] = format!("checkpoints/step-{step}").into();
+            std::fs::write(&target, serde_json::to_vec_pretty(&record).unwrap()).unwrap();
+        } else {
+            std::fs::write(&target, &bytes[..bytes.len() / 2]).unwrap();
+        }
+        planted += 1;
+    }
+    assert!(
+        planted > 1,
+        "the checkpoint {from:?} holds no weights to copy"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[test]
+fn a_checkpoint_interrupted_mid_write_is_never_resumed() {
+    let _one = one_job_at_a_time();
+    let spec = JobSpec {
+        items: 36,
+        epochs: 2,
+        checkpoint_every: 3,
+        ..JobSpec::default()
+    };
+    let total_steps = spec.epochs * steps_per_epoch(&spec);
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    job.start_worker(0);
+    job.start_worker(1);
+    wait_past_a_checkpoint(&job);
+    // The whole job dies at once; then a crash mid-write is simulated: a newer checkpoint
+    // folder with truncated weights and the coordinator's record, but no COMPLETE.
+    job.kill_all();
+    let state = job.state();
+    let checkpoint = state["last_checkpoint"].clone();
+    let resume_batch = expected_resume_batch(&state);
+    let complete_step = checkpoint["step"].as_u64().unwrap();
+    let partial_step = complete_step + 1000;
+    let run = job.run_dir();
+    let partial = run.join(format!("checkpoints/step-{partial_step}"));
+    plant_partial_checkpoint(
+        &run.join(checkpoint["path"].as_str().unwrap()),
+        &partial,
+        partial_step,
+    );
+    let log_before_restart = job.coordinator_log().len();
+
+    job.start_coordinator();
+    job.start_worker(0);
+    job.start_worker(1);
+    job.wait_coordinator_success(JOB_LIMIT);
+    for status in job.wait_workers(Duration::from_secs(30)) {
+        assert!(
+            status.success(),
+            "a worker failed: {status}\n{}",
+            job.logs()
+        );
+    }
+
+    let log = job.coordinator_log();
+    let groups = groups_formed(&log[log_before_restart..]);
+    let first = groups
+        .first()
+        .unwrap_or_else(|| panic!("no group formed after the restart\n{}", job.logs()));
+    assert_eq!(
+        (first.2, first.3),
+        (state["epoch"].as_u64().unwrap(), resume_batch),
+        "the restarted job resumed at step {complete_step}'s position: {groups:?}"
+    );
+    assert!(
+        !partial.join("COMPLETE").exists(),
+        "the partial checkpoint became complete"
+    );
+    assert_eq!(
+        groups.len(),
+        1,
+        "the restarted job ran without another regroup (a failed resume regroups): {groups:?}"
+    );
+    let final_state = job.state();
+    assert_eq!(final_state["finished"], true, "{final_state}");
+    assert!(final_state["last_checkpoint"]["step"].as_u64().unwrap() < partial_step);
+    for epoch in 0..spec.epochs {
+        job.assert_ledger_exact(epoch, 1, global_batch(&spec));
+    }
+    assert_metrics_cover_every_step(&job, total_steps, false);
+    assert!(run.join("exports/model.safetensors").is_file());
+}
