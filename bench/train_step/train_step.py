@@ -36,33 +36,20 @@ def main():
     parser.add_argument("--fused-adamw", action="store_true")
     args = parser.parse_args()
 
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from sd_bench_unet import build_unet, diffusion_loss, random_batch, sd1_scheduler
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    with open(args.config) as handle:
-        config = json.load(handle)
-    unet = UNet2DConditionModel.from_config(config).train()
-    # the same attention kernel as arbor: libtorch's scaled_dot_product_attention
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    unet.set_attn_processor(AttnProcessor2_0())
-    scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
-    )
+    unet, config = build_unet(args.config)
+    scheduler = sd1_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, fused=args.fused_adamw or None)
-    generator = torch.Generator().manual_seed(1)
-    channels = config.get("in_channels", 4)
-    latents = torch.randn(args.batch, channels, args.size, args.size, generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    context = torch.randn(args.batch, args.context_len, config["cross_attention_dim"], generator=generator)
-    timesteps = torch.randint(0, 1000, (args.batch,), generator=generator)
+    latents, noise, context, timesteps = random_batch(
+        config, args.batch, args.size, args.size, args.context_len, seed=1
+    )
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, context).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise, reduction="mean")
+        loss = diffusion_loss(unet, scheduler, latents, noise, context, timesteps)
         loss.backward()
         optimizer.step()
         return loss.item()

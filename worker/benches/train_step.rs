@@ -18,6 +18,10 @@ use arbor_worker::train_step::{adamw, optimizer_step, DiffusionBatch};
 use arbor_worker::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use tch::{nn, Device, Kind, Tensor};
 
+#[path = "support/bench_unet.rs"]
+mod bench_unet;
+use bench_unet::{json_f64, json_times, run_json_command, summarize, unet_config_json};
+
 struct Options {
     steps: usize,
     warmup: usize,
@@ -70,48 +74,6 @@ fn parse_options() -> Result<Options> {
         bail!("--steps and --rounds must be at least 1");
     }
     Ok(options)
-}
-
-/// The benchmarked UNet: SD1's topology (3 cross-attention levels and a plain one, 2 layers per
-/// block, 8 heads, 768-wide text context) at reduced widths.
-fn unet_config_json() -> serde_json::Value {
-    serde_json::json!({
-        "sample_size": 32,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [32, 64, 128, 128],
-        "layers_per_block": 2,
-        "attention_head_dim": 8,
-        "cross_attention_dim": 768,
-        "norm_num_groups": 32,
-    })
-}
-
-#[derive(Debug)]
-struct Timing {
-    median_ms: f64,
-    mean_ms: f64,
-    min_ms: f64,
-    loss: f64,
-}
-
-fn summarize(mut times: Vec<f64>, loss: f64) -> Timing {
-    assert!(!times.is_empty(), "at least one timed step");
-    times.sort_by(|left, right| left.total_cmp(right));
-    let middle = times.len() / 2;
-    let median_ms = if times.len() % 2 == 0 {
-        (times[middle - 1] + times[middle]) / 2.0
-    } else {
-        times[middle]
-    };
-    Timing {
-        median_ms,
-        mean_ms: times.iter().sum::<f64>() / times.len() as f64,
-        min_ms: times[0],
-        loss,
-    }
 }
 
 /// arbor's side: the model, optimizer and batch, built once and timed in rounds.
@@ -203,35 +165,8 @@ fn run_pytorch(options: &Options, config_path: &Path) -> Result<(Vec<f64>, f64)>
     if options.fused_adamw {
         command.arg("--fused-adamw");
     }
-    let output = command
-        .output()
-        .with_context(|| format!("running {script:?} with {:?}", options.python))?;
-    if !output.status.success() {
-        bail!(
-            "{script:?} failed with {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|line| line.starts_with('{'))
-        .context("the baseline printed no json line")?;
-    let value: serde_json::Value = serde_json::from_str(line)?;
-    let field = |name: &str| {
-        value[name]
-            .as_f64()
-            .with_context(|| format!("baseline json lacks `{name}`"))
-    };
-    let times = value["times_ms"]
-        .as_array()
-        .context("baseline json lacks `times_ms`")?
-        .iter()
-        .map(|time| time.as_f64().context("a non-numeric time in `times_ms`"))
-        .collect::<Result<Vec<_>>>()?;
-    Ok((times, field("loss")?))
+    let value = run_json_command(command, &format!("{script:?} with {:?}", options.python))?;
+    Ok((json_times(&value)?, json_f64(&value, "loss")?))
 }
 
 fn main() -> Result<()> {
