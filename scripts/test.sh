@@ -17,6 +17,10 @@ echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "[test] cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The NCCL collectives compile (the headers come from scripts/requirements/cuda-headers.txt);
+# linking and running them is for a GPU node.
+echo "[test] cargo check --features nccl" >&2
+cargo check --quiet -p arbor-worker --features nccl
 # The end-to-end tests run the built `arbor` and `arbor-worker` binaries of the workspace.
 echo "[test] cargo build" >&2
 cargo build --workspace --quiet

@@ -14,7 +14,8 @@ FROM rust:${RUST_VERSION}-bookworm AS build
 ARG TORCH_VERSION
 ARG WORKER_FEATURES=""
 # Extra wheels for the build only, for example the CUDA C++ headers the NCCL backend compiles
-# against: --build-arg WORKER_FEATURES=nccl --build-arg BUILD_PIP_PACKAGES="nvidia-cuda-cccl==<pin>"
+# against (scripts/requirements/cuda-headers.txt): --build-arg WORKER_FEATURES=nccl
+#   --build-arg BUILD_PIP_PACKAGES="nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85"
 ARG BUILD_PIP_PACKAGES=""
 # Debian bookworm's python3 is 3.11, the interpreter the torch wheel is picked for; the packages
 # are the build's own (scripts/apt-packages.txt): Gloo headers for the c10d shim, protoc, and

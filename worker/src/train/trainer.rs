@@ -318,6 +318,13 @@ impl TchTrainer {
         let backend = if device.is_cuda() && Backend::Nccl.is_available() {
             Backend::Nccl
         } else {
+            if device.is_cuda() {
+                warn!(
+                    rank = group.rank,
+                    "arbor-worker was built without the nccl feature: gradients go through Gloo \
+                     on the CPU, far slower than NCCL between GPUs; rebuild with --features nccl"
+                );
+            }
             Backend::Gloo
         };
         let address = StoreAddress::parse(&group.store_address)?;
