@@ -57,6 +57,19 @@ impl BucketParams {
                 ),
             ));
         }
+        // Bucket ids are u16 and every candidate width (and height) gives one bucket: bound
+        // the sweep before it runs, so absurd flags are an error rather than an exhausted heap.
+        let candidate_sides = u64::from(self.max_dim - self.min_dim) / u64::from(self.step) + 1;
+        if candidate_sides > MAX_CANDIDATE_SIDES {
+            return Err(invalid(
+                "step",
+                format!(
+                    "step {} over {}..={} gives {candidate_sides} candidate sides; at most \
+                     {MAX_CANDIDATE_SIDES} are allowed (raise step or narrow min_dim..max_dim)",
+                    self.step, self.min_dim, self.max_dim
+                ),
+            ));
+        }
         let smallest_area = u64::from(self.min_dim) * u64::from(self.min_dim);
         if smallest_area > self.max_area {
             return Err(invalid(
@@ -81,6 +94,10 @@ impl BucketParams {
         Ok(())
     }
 }
+
+/// The most candidate widths (and heights) a bucket sweep may visit: twice this plus base_res
+/// stays below the u16 id space.
+pub const MAX_CANDIDATE_SIDES: u64 = 16_384;
 
 /// One bucket resolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -213,6 +230,22 @@ fn sweep(params: &BucketParams, swapped: bool) -> Vec<Bucket> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_oversized_sweep_is_refused_before_it_runs() {
+        let params = BucketParams {
+            max_area: u64::MAX / 4,
+            min_dim: 1,
+            max_dim: 4_000_000_000,
+            step: 1,
+            base_res: [512, 512],
+        };
+        let error = BucketTable::new(params).unwrap_err().to_string();
+        assert!(
+            error.contains("step") && error.contains("candidate sides"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn default_table_matches_novelai() {

@@ -136,9 +136,14 @@ fn assign_stdin(args: &AssignArgs) -> anyhow::Result<ExitCode> {
     let assigner = args.assign.assigner(&args.buckets)?;
     let mut out = BufWriter::new(std::io::stdout().lock());
     let mut malformed = 0usize;
-    for (index, line) in std::io::stdin().lock().lines().enumerate() {
+    for (index, bytes) in std::io::stdin().lock().split(b'\n').enumerate() {
         let line_number = index + 1;
-        let line = line.with_context(|| format!("reading stdin line {line_number}"))?;
+        let bytes = bytes.with_context(|| format!("reading stdin line {line_number}"))?;
+        let Ok(line) = String::from_utf8(bytes) else {
+            eprintln!("line {line_number}: not UTF-8 text");
+            malformed += 1;
+            continue;
+        };
         if line.trim().is_empty() {
             continue;
         }

@@ -226,3 +226,30 @@ fn zero_world_size_is_refused_not_a_panic() {
     assert!(stderr.contains("world_size"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn assign_reports_a_non_utf8_line_and_goes_on() {
+    let mut input = b"512 512\r\n".to_vec();
+    input.extend_from_slice(&[0xff, 0xfe, b' ', b'1', b'\n']);
+    input.extend_from_slice(b"1920x1080\n");
+    let output = arbor()
+        .args(["plan", "assign", "--json"])
+        .write_stdin(input)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 2: not UTF-8"), "{stderr}");
+    let lines: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "the lines around the bad one are still assigned"
+    );
+    assert_eq!(lines[0]["bucket"], 8);
+    assert_eq!(lines[1]["bucket"], 13);
+}

@@ -7,7 +7,8 @@
         one line about the output of `arbor plan epoch --json`
     report.py summary RUN_DIR
         where the checkpoints, samples, loss curve, metrics and exports are, and the mean loss
-        of the first and of the last 10 steps; exits 1 if the run has no metrics
+        of the first and of the last 10 steps; exits 1 if the run has no metrics, and with
+        --require-loss-fall also if the last steps' mean loss is not below the first steps'
 
 metrics.jsonl holds one JSON object per step with at least `step` and `loss`; a record with the
 same step written again after a resume replaces the earlier one.
@@ -89,7 +90,7 @@ def listing(paths, limit=4):
     return ", ".join(names)
 
 
-def summary(run_dir: Path):
+def summary(run_dir: Path, require_loss_fall: bool = False):
     records = read_metrics(run_dir)
     complete, partial = complete_checkpoints(run_dir)
     samples = sorted((run_dir / "samples").glob("*.png"), key=lambda p: (len(p.name), p.name)) if (run_dir / "samples").is_dir() else []
@@ -116,6 +117,9 @@ def summary(run_dir: Path):
     last = mean(r["loss"] for r in records[-window:])
     change = (last - first) / first * 100 if first else float("nan")
     print(f"  loss           mean of the first {window} steps {first:.4f} -> mean of the last {window} steps {last:.4f} ({change:+.0f}%)")
+    if require_loss_fall and not last < first:
+        print("  the loss did not fall")
+        return 1
     return 0
 
 
@@ -137,12 +141,13 @@ def main():
     commands.add_parser("plan")
     s = commands.add_parser("summary")
     s.add_argument("run_dir", type=Path)
+    s.add_argument("--require-loss-fall", action="store_true")
     args = parser.parse_args()
     if args.command == "progress":
         return progress(args.run_dir, args.total_steps)
     if args.command == "plan":
         return plan_line(json.load(sys.stdin))
-    return summary(args.run_dir)
+    return summary(args.run_dir, args.require_loss_fall)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,7 @@ fn batch(index: u64, ids: [u64; 2]) -> Batch {
             .iter()
             .map(|id| item(*id, &format!("img{}.png", id - 1)))
             .collect(),
+        epoch_batches: BATCHES.len() as u64,
     }
 }
 
@@ -403,4 +404,37 @@ fn resume_from_a_checkpoint_restores_the_exact_state() {
     trainer.start(&solo("", 0), &config).unwrap();
     assert_eq!(trainer.step(), 0);
     assert_eq!(max_change(&initial, &trainable_snapshot(&trainer)), 0.0);
+}
+
+#[test]
+fn gradient_accumulation_steps_every_window_and_at_the_epoch_end() {
+    let _serial = serial();
+    let fixture = fixture();
+    let mut config = config(&fixture, "hypernetwork", "");
+    config.schedule.grad_accum = 2;
+    let mut trainer = trainer();
+    trainer.start(&solo("", 0), &config).unwrap();
+    let before = trainable_snapshot(&trainer);
+    // Three batches with grad_accum 2: the windows are [0, 1] and [2] (the epoch's last batch
+    // closes its short window), so two optimizer steps and no gradient left pending.
+    trainer.train_batch(&batch(0, BATCHES[0])).unwrap();
+    assert_eq!(trainer.step(), 0);
+    assert_eq!(
+        max_change(&before, &trainable_snapshot(&trainer)),
+        0.0,
+        "the first micro-batch of a window must not step the optimizer"
+    );
+    trainer.train_batch(&batch(1, BATCHES[1])).unwrap();
+    assert_eq!(trainer.step(), 1);
+    let after_first_window = trainable_snapshot(&trainer);
+    assert!(max_change(&before, &after_first_window) > 0.0);
+    trainer.train_batch(&batch(2, BATCHES[2])).unwrap();
+    assert_eq!(trainer.step(), 2);
+    assert!(max_change(&after_first_window, &trainable_snapshot(&trainer)) > 0.0);
+    trainer.finish().unwrap();
+    let metrics = read_metrics(&fixture.run_dir);
+    assert_eq!(
+        metrics.iter().map(|record| record.step).collect::<Vec<_>>(),
+        [1, 2]
+    );
 }

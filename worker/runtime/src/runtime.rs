@@ -332,10 +332,10 @@ fn train_epochs(
 ) -> Result<GroupEnd, RuntimeError> {
     let resume = reply.resume.clone().unwrap_or_default();
     let schedule = &config.schedule;
-    let grad_accum = u64::from(schedule.grad_accum);
     let mut epoch = resume.epoch;
-    let mut micro_steps_done: u64 = 0;
-    let step_at = |micro: u64| resume.step + micro / grad_accum;
+    // Optimizer steps: one per accumulation window, windows counted per epoch (segment) from
+    // its first batch, so a checkpoint (always at a window's end) never holds half a window.
+    let mut step = resume.step;
     loop {
         if let Some(end) = obey(progress) {
             return Ok(end);
@@ -402,16 +402,7 @@ fn train_epochs(
         }
         if total == 0 {
             checkpoint(
-                runtime,
-                client,
-                worker_id,
-                reply,
-                &header,
-                trainer,
-                progress,
-                epoch,
-                0,
-                step_at(micro_steps_done),
+                runtime, client, worker_id, reply, &header, trainer, progress, epoch, 0, step,
             )?;
         }
         let mut last_batch_end = Instant::now();
@@ -437,6 +428,7 @@ fn train_epochs(
                         .iter()
                         .map(|&p| shard.items[p as usize].clone())
                         .collect(),
+                    epoch_batches: total,
                 });
             }
             let Some(batch) = pending.pop_front() else {
@@ -456,7 +448,10 @@ fn train_epochs(
                     ));
                 }
             };
-            micro_steps_done += 1;
+            let window_closed = batch.closes_window(schedule.grad_accum);
+            if window_closed {
+                step += 1;
+            }
             summary.batches_trained += 1;
             summary.items_trained += batch.items.len() as u64;
             summary.failed_items += u64::from(outcome.failed_items);
@@ -479,9 +474,12 @@ fn train_epochs(
                     item_ids: batch.items.iter().map(|i| i.id).collect(),
                 });
             }
-            let step = step_at(micro_steps_done);
             let steps_exhausted = schedule.max_steps.is_some_and(|max| step >= max);
-            if done % schedule.checkpoint_every == 0 || done == total || steps_exhausted {
+            // `checkpoint_every` counts optimizer steps; the epoch's last batch always closes a
+            // window and checkpoints, so a resume starts on a window boundary.
+            let checkpoint_due = window_closed
+                && (step % schedule.checkpoint_every == 0 || done == total || steps_exhausted);
+            if checkpoint_due {
                 if let Some(end) = checkpoint(
                     runtime, client, worker_id, reply, &header, trainer, progress, epoch, done,
                     step,

@@ -23,6 +23,41 @@ pub struct Batch {
     pub bucket: BatchBucket,
     pub resolution: Bucket,
     pub items: Vec<BatchItem>,
+    /// How many batches this rank's plan has in this epoch (segment): gradient accumulation
+    /// windows are counted from its first batch and the last one closes the epoch's last
+    /// window, so no micro-batch's gradient is carried across an epoch or a checkpoint.
+    pub epoch_batches: u64,
+}
+
+impl Batch {
+    /// Whether this batch is the last micro-batch of its gradient accumulation window, after
+    /// which the optimizer steps: every `grad_accum`-th batch of the epoch, and the epoch's last.
+    pub fn closes_window(&self, grad_accum: u32) -> bool {
+        closes_accumulation_window(self.index, self.epoch_batches, grad_accum)
+    }
+
+    /// The number of micro-batches in this batch's accumulation window: `grad_accum`, or fewer
+    /// for the epoch's last window when the epoch's batch count is not a multiple of it.
+    pub fn window_len(&self, grad_accum: u32) -> u64 {
+        accumulation_window_len(self.index, self.epoch_batches, grad_accum)
+    }
+}
+
+/// Whether batch `index` of an epoch of `epoch_batches` batches closes its accumulation window
+/// of `grad_accum` micro-batches (windows start at batch 0; the epoch's last batch closes the
+/// last window, full or not).
+pub fn closes_accumulation_window(index: u64, epoch_batches: u64, grad_accum: u32) -> bool {
+    let grad_accum = u64::from(grad_accum.max(1));
+    (index + 1) % grad_accum == 0 || index + 1 >= epoch_batches
+}
+
+/// The length of the accumulation window that batch `index` belongs to.
+pub fn accumulation_window_len(index: u64, epoch_batches: u64, grad_accum: u32) -> u64 {
+    let grad_accum = u64::from(grad_accum.max(1));
+    let window_start = index - index % grad_accum;
+    grad_accum
+        .min(epoch_batches.saturating_sub(window_start))
+        .max(1)
 }
 
 /// The group this process belongs to, as the coordinator formed it.
@@ -60,5 +95,27 @@ pub trait Trainer: Send {
     /// Called once when the job ends.
     fn finish(&mut self) -> Result<(), String> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_close_every_grad_accum_batches_and_at_the_epoch_end() {
+        let closing: Vec<u64> = (0..7)
+            .filter(|&index| closes_accumulation_window(index, 7, 3))
+            .collect();
+        assert_eq!(closing, [2, 5, 6]);
+        let lengths: Vec<u64> = (0..7)
+            .map(|index| accumulation_window_len(index, 7, 3))
+            .collect();
+        assert_eq!(lengths, [3, 3, 3, 3, 3, 3, 1]);
+        // grad_accum 1 (or 0, read as 1) closes after every batch.
+        assert!((0..4).all(|index| closes_accumulation_window(index, 4, 1)));
+        assert!((0..4).all(|index| closes_accumulation_window(index, 4, 0)));
+        assert_eq!(accumulation_window_len(5, 6, 4), 2);
+        assert_eq!(accumulation_window_len(3, 6, 4), 4);
     }
 }

@@ -160,7 +160,23 @@ impl DistributedStep {
                 message: format!("{micro_step} does not fit this platform's usize"),
             });
         };
-        if !is_final_micro_step(micro_step_index, window as usize) {
+        let closes_window = is_final_micro_step(micro_step_index, window as usize);
+        self.after_backward_closing(group, optimizer, ema, learning_rate, closes_window)
+    }
+
+    /// [`DistributedStep::after_backward`] with the window's end decided by the caller: the
+    /// trainer closes a window every `grad_accum` batches of an epoch and at the epoch's last
+    /// batch (`arbor_runtime::trainer::Batch::closes_window`). `closes_window` must be the same
+    /// on every rank.
+    pub fn after_backward_closing(
+        &mut self,
+        group: Option<&mut ProcessGroup>,
+        optimizer: &mut AdamW,
+        ema: Option<&mut Ema>,
+        learning_rate: f64,
+        closes_window: bool,
+    ) -> Result<Option<StepReport>> {
+        if !closes_window {
             return Ok(None);
         }
         if let Some(group) = group {

@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::{Result, WorkerError};
 use crate::train::adamw::{AdamW, AdamWConfig};
-use crate::train::batch_inputs::{micro_step_seed, BatchInputs};
+use crate::train::batch_inputs::{batch_seed, BatchInputs};
 use crate::train::caption_augment::CaptionAugment;
 use crate::train::checkpoint::{
     copy_tensors_by_name, read_checkpoint, write_checkpoint_part, CheckpointContents,
@@ -156,8 +156,6 @@ pub struct TchTrainer {
     membership: Membership,
     /// Optimizer steps done.
     step: u64,
-    /// Micro-batches done in the run (across epochs and regroups, consistent with `step`).
-    micro_step: u64,
     window: Window,
     last_sampled_step: Option<u64>,
 }
@@ -200,8 +198,8 @@ fn cpu_copies(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-/// Optimizer steps of the whole run: `schedule.max_steps`, else epochs × batches per rank /
-/// grad_accum computed from a local manifest (bucket assignment and trim as the coordinator
+/// Optimizer steps of the whole run: `schedule.max_steps`, else epochs × ⌈batches per rank /
+/// grad_accum⌉ computed from a local manifest (bucket assignment and trim as the coordinator
 /// plans them); `None` when neither is known (a remote manifest).
 pub fn planned_optimizer_steps(config: &JobConfig, world_size: u32) -> Option<u64> {
     let schedule = &config.schedule;
@@ -222,7 +220,8 @@ pub fn planned_optimizer_steps(config: &JobConfig, world_size: u32) -> Option<u6
     .ok()?;
     let global_batch = u64::from(world_size.max(1)) * u64::from(schedule.bsz.max(1));
     let batches_per_rank = items.len() as u64 / global_batch;
-    Some(schedule.epochs * batches_per_rank / u64::from(schedule.grad_accum.max(1)))
+    // Each epoch's last accumulation window may be short; it still steps the optimizer.
+    Some(schedule.epochs * batches_per_rank.div_ceil(u64::from(schedule.grad_accum.max(1))))
 }
 
 impl TchTrainer {
@@ -234,7 +233,6 @@ impl TchTrainer {
             store: None,
             membership: Membership::default(),
             step: 0,
-            micro_step: 0,
             window: Window::default(),
             last_sampled_step: None,
         }
@@ -437,8 +435,6 @@ impl TchTrainer {
         }
         session.optimizer.zero_grad();
         session.step_driver = DistributedStep::new(&session.trainable, step_settings(config));
-        let grad_accum = u64::from(config.schedule.grad_accum.max(1));
-        self.micro_step = self.step * grad_accum;
         self.window = Window::default();
         if let Some(hypernetwork) = session.model.hypernetwork.as_mut() {
             hypernetwork.info.step = self.step as i64;
@@ -503,7 +499,7 @@ impl TchTrainer {
             batch.epoch,
             session.model.device,
         )?;
-        tch::manual_seed(micro_step_seed(seed, self.micro_step, rank));
+        tch::manual_seed(batch_seed(seed, batch.epoch, batch.index, rank));
         let model = &session.model;
         let context = model.encode_prompts(&inputs.captions, Some(&mut self.window.histogram))?;
         let latents = model.encode_images(&inputs.pixels);
@@ -516,7 +512,9 @@ impl TchTrainer {
         );
         let loss = model.loss(&latents, &noise, &timesteps, &context)?;
         let loss_value = loss.double_value(&[]);
-        let grad_accum = session.step_driver.grad_accum();
+        // Each micro-batch weighs 1 / (its window's length), so a window's gradient is the
+        // mean over its micro-batches, the epoch's last (shorter) window included.
+        let window_len = batch.window_len(session.config.schedule.grad_accum);
         let weight = if inputs.all_failed {
             warn!(
                 rank,
@@ -525,20 +523,19 @@ impl TchTrainer {
             );
             0.0
         } else {
-            1.0 / grad_accum as f64
+            1.0 / window_len as f64
         };
         (loss * weight)
             .f_backward()
             .map_err(WorkerError::torch("backpropagating the diffusion loss"))?;
         let learning_rate = session.lr_schedule.learning_rate(self.step);
-        let report = session.step_driver.after_backward(
+        let report = session.step_driver.after_backward_closing(
             self.group.as_mut(),
             &mut session.optimizer,
             session.ema.as_mut(),
             learning_rate,
-            self.micro_step,
+            batch.closes_window(session.config.schedule.grad_accum),
         )?;
-        self.micro_step += 1;
         let failed_items = loaded.failures.len() as u32;
         let window = &mut self.window;
         window.micro_batches += 1;
