@@ -234,7 +234,8 @@ pub struct TrainSection {
     pub weight_decay: f64,
     /// Decay of the exponential moving average of the trained weights; 0 turns EMA off.
     pub ema_decay: f64,
-    /// Encode each image with the VAE once and reuse the latents (only without random crops).
+    /// Reserved: encoding each image with the VAE once and reusing the latents is not
+    /// implemented yet, so `true` is refused by [`JobConfig::validate`].
     pub cache_latents: bool,
 }
 
@@ -448,6 +449,13 @@ impl JobConfig {
             return Err(invalid(
                 "schedule.epochs",
                 "must be at least 1 (or set max_steps)",
+            ));
+        }
+        if self.train.cache_latents {
+            return Err(invalid(
+                "train.cache_latents",
+                "latent caching is not implemented yet: every batch is encoded by the VAE \
+                 (set it to false)",
             ));
         }
         let cluster = &self.cluster;
@@ -737,6 +745,7 @@ mod tests {
             ("model.mode=lora", "model.mode"),
             ("data.tag_dropout=1.5", "data.tag_dropout"),
             ("data.prefetch_batches=65", "data.prefetch_batches"),
+            ("train.cache_latents=true", "train.cache_latents"),
         ];
         for (flag, field) in cases {
             let overrides = [Override::from_flag(flag).unwrap()];

@@ -82,11 +82,27 @@ fn single_file_export_loads_in_diffusers_from_single_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let single = dir.path().join("model.safetensors");
     export_single_file(&fixtures_dir().join("model"), &single);
-    let keys: Vec<String> = Tensor::read_safetensors(&single)
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k)
+    let tensors = Tensor::read_safetensors(&single).unwrap();
+    // LDM stores the VAE mid-block attention's projections as 1x1 convolutions: A1111 and
+    // ComfyUI load them as such, so the export must reshape diffusers' [C, C] to [C, C, 1, 1].
+    let mid_attention: Vec<_> = tensors
+        .iter()
+        .filter(|(key, _)| {
+            key.contains("mid.attn_1.")
+                && ["q.", "k.", "v.", "proj_out."]
+                    .iter()
+                    .any(|part| key.contains(&format!("attn_1.{part}weight")))
+        })
         .collect();
+    assert_eq!(mid_attention.len(), 8, "encoder and decoder q/k/v/proj_out weights");
+    for (key, tensor) in &mid_attention {
+        let size = tensor.size();
+        assert!(
+            size.len() == 4 && size[2] == 1 && size[3] == 1,
+            "{key} is {size:?}, not [C, C, 1, 1]"
+        );
+    }
+    let keys: Vec<String> = tensors.into_iter().map(|(k, _)| k).collect();
     assert!(keys.iter().all(|key| {
         key.starts_with("model.diffusion_model.")
             || key.starts_with("first_stage_model.")
