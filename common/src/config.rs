@@ -258,10 +258,31 @@ impl Default for TrainSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HypernetworkSection {
+    /// The context widths that get a k/v module pair (768 = SD1's cross-attention, the block
+    /// widths = self-attention).
     pub sizes: Vec<u32>,
+    /// A1111's `layer_structure`: width multipliers, starting and ending with 1.
     pub layer_structure: Vec<f64>,
+    /// A1111's `activation_func`: linear, relu, leakyrelu, elu, swish, tanh or sigmoid.
     pub activation: String,
+    /// A1111's `is_layer_norm`: a LayerNorm after every Linear.
+    pub layer_norm: bool,
+    /// A1111's `weight_initialization`: Normal (0, 0.01; zero bias), XavierUniform,
+    /// XavierNormal, KaimingUniform or KaimingNormal.
+    pub weight_init: String,
+    /// A1111's `use_dropout` (0.3 after every hidden layer while training; none in the export).
+    pub dropout: bool,
+    /// A1111's `last_layer_dropout`.
+    pub last_layer_dropout: bool,
+    /// A1111's `activate_output`: the activation after the last Linear too.
+    pub activate_output: bool,
+    /// NovelAI's shallow-layer penalty: the weight a_l of each resolution level's contribution
+    /// to the shared modules' gradient, shallowest (highest resolution) first; empty = off.
     pub shallow_penalty: Vec<f64>,
+    /// Strength of the optional depth-weighted L2 penalty on the modules' output f(x); 0 = off.
+    pub l2_penalty: f64,
+    /// The L2 penalty's weight per resolution level, shallowest first.
+    pub l2_penalty_weights: Vec<f64>,
 }
 
 impl Default for HypernetworkSection {
@@ -270,10 +291,36 @@ impl Default for HypernetworkSection {
             sizes: vec![768, 320, 640, 1280],
             layer_structure: vec![1.0, 2.0, 1.0],
             activation: "linear".into(),
+            layer_norm: false,
+            weight_init: "Normal".into(),
+            dropout: false,
+            last_layer_dropout: false,
+            activate_output: false,
             shallow_penalty: vec![0.25, 0.5, 1.0],
+            l2_penalty: 0.0,
+            l2_penalty_weights: vec![1.0, 0.5, 0.25],
         }
     }
 }
+
+/// A1111's hypernetwork activations that ComfyUI also accepts.
+pub const HYPERNETWORK_ACTIVATIONS: [&str; 7] = [
+    "linear",
+    "relu",
+    "leakyrelu",
+    "elu",
+    "swish",
+    "tanh",
+    "sigmoid",
+];
+/// A1111's hypernetwork weight initialisations.
+pub const HYPERNETWORK_WEIGHT_INITS: [&str; 5] = [
+    "Normal",
+    "XavierUniform",
+    "XavierNormal",
+    "KaimingUniform",
+    "KaimingNormal",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -284,6 +331,8 @@ pub struct SamplesSection {
     pub steps: u32,
     pub guidance: f64,
     pub sampler: String,
+    /// The hypernetwork's strength in sample grids (A1111's multiplier; training always uses 1).
+    pub hypernetwork_multiplier: f64,
 }
 
 impl Default for SamplesSection {
@@ -295,6 +344,7 @@ impl Default for SamplesSection {
             steps: 20,
             guidance: 7.0,
             sampler: "ddim".into(),
+            hypernetwork_multiplier: 1.0,
         }
     }
 }
@@ -431,6 +481,71 @@ impl JobConfig {
         Ok(config)
     }
 
+    fn validate_hypernetwork(&self) -> Result<(), CommonError> {
+        let section = &self.hypernetwork;
+        if !HYPERNETWORK_ACTIVATIONS.contains(&section.activation.as_str()) {
+            return Err(invalid(
+                "hypernetwork.activation",
+                format!(
+                    "expected one of {}, got `{}`",
+                    HYPERNETWORK_ACTIVATIONS.join(", "),
+                    section.activation
+                ),
+            ));
+        }
+        if !HYPERNETWORK_WEIGHT_INITS.contains(&section.weight_init.as_str()) {
+            return Err(invalid(
+                "hypernetwork.weight_init",
+                format!(
+                    "expected one of {}, got `{}`",
+                    HYPERNETWORK_WEIGHT_INITS.join(", "),
+                    section.weight_init
+                ),
+            ));
+        }
+        let structure = &section.layer_structure;
+        if structure.len() < 2 || structure.first() != Some(&1.0) || structure.last() != Some(&1.0)
+        {
+            return Err(invalid(
+                "hypernetwork.layer_structure",
+                format!("must start and end with 1 (A1111's rule), got {structure:?}"),
+            ));
+        }
+        if structure
+            .iter()
+            .any(|width| !(width.is_finite() && *width > 0.0))
+        {
+            return Err(invalid(
+                "hypernetwork.layer_structure",
+                "every multiplier must be positive",
+            ));
+        }
+        let in_unit = |weights: &[f64]| weights.iter().all(|w| (0.0..=1.0).contains(w));
+        if !in_unit(&section.shallow_penalty) {
+            return Err(invalid(
+                "hypernetwork.shallow_penalty",
+                "every level weight must be in [0, 1]",
+            ));
+        }
+        if !(section.l2_penalty.is_finite() && section.l2_penalty >= 0.0) {
+            return Err(invalid(
+                "hypernetwork.l2_penalty",
+                "must be 0 (off) or positive",
+            ));
+        }
+        if section
+            .l2_penalty_weights
+            .iter()
+            .any(|w| !(w.is_finite() && *w >= 0.0))
+        {
+            return Err(invalid(
+                "hypernetwork.l2_penalty_weights",
+                "every level weight must be 0 or positive",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks every constraint once, naming the field.
     pub fn validate(&self) -> Result<(), CommonError> {
         crate::buckets::BucketTable::new(self.buckets.bucket_params())?;
@@ -519,6 +634,13 @@ impl JobConfig {
                     "expected `epsilon` or `v_prediction`, got `{}`",
                     self.model.prediction_type
                 ),
+            ));
+        }
+        self.validate_hypernetwork()?;
+        if !self.samples.hypernetwork_multiplier.is_finite() {
+            return Err(invalid(
+                "samples.hypernetwork_multiplier",
+                "must be a finite number",
             ));
         }
         let train = &self.train;
@@ -746,6 +868,9 @@ mod tests {
             ("data.tag_dropout=1.5", "data.tag_dropout"),
             ("data.prefetch_batches=65", "data.prefetch_batches"),
             ("train.cache_latents=true", "train.cache_latents"),
+            ("hypernetwork.activation=gelu", "hypernetwork.activation"),
+            ("hypernetwork.weight_init=Zeros", "hypernetwork.weight_init"),
+            ("hypernetwork.l2_penalty=-1", "hypernetwork.l2_penalty"),
         ];
         for (flag, field) in cases {
             let overrides = [Override::from_flag(flag).unwrap()];

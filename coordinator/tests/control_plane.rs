@@ -314,6 +314,21 @@ fn bad_requests_are_refused_with_a_reason_and_the_server_keeps_serving() {
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
 
+        // A request over cluster.max_request_bytes (default 4 MiB) is refused before decoding.
+        let status = client
+            .join(JoinRequest {
+                worker_id: "x".repeat(5 << 20),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+        assert!(
+            status.message().contains("message length too large"),
+            "{}",
+            status.message()
+        );
+
         // A real member, then a call with a stale generation.
         let reply = client
             .join(JoinRequest {
@@ -540,4 +555,113 @@ fn ranks_are_contiguous_per_node_and_a_collective_error_regroups() {
             .into_inner();
         assert_eq!(reply.command, arbor_proto::v1::Command::Regroup as i32);
     });
+}
+
+/// Replaces the first `from` of the job's `job.toml` by `to`.
+fn edit_config(job: &Job, from: &str, to: &str) {
+    let path = job.path().join("job.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "job.toml has no `{from}`");
+    std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+}
+
+/// Waits up to `limit` for a child to exit; kills it and panics if it does not.
+fn wait_child(child: &mut std::process::Child, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("{what} still running after {limit:?}");
+}
+
+#[test]
+fn a_changed_config_or_manifest_under_a_job_is_refused_with_the_reason() {
+    let spec = JobSpec {
+        min_workers: 1,
+        max_workers: 1,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    job.wait_until(Duration::from_secs(30), "state.json", |job| {
+        !job.state().is_null()
+    });
+    let coordinator = job.coordinator.as_mut().unwrap();
+    Job::signal(coordinator.id(), "-KILL");
+    coordinator.wait().unwrap();
+
+    edit_config(&job, "seed = 5", "seed = 6");
+    job.start_coordinator();
+    assert!(
+        !job.wait_coordinator(Duration::from_secs(30)),
+        "a changed config must be refused"
+    );
+    let log = job.coordinator_log();
+    assert!(log.contains("the config changed under the job"), "{log}");
+
+    edit_config(&job, "seed = 6", "seed = 5");
+    let manifest = job.path().join("data/manifest.jsonl");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&manifest)
+        .unwrap();
+    writeln!(
+        file,
+        r#"{{"id":7,"key":"images/new.bin","width":512,"height":512,"caption":"new"}}"#
+    )
+    .unwrap();
+    job.start_coordinator();
+    assert!(
+        !job.wait_coordinator(Duration::from_secs(30)),
+        "a changed manifest must be refused"
+    );
+    let log = job.coordinator_log();
+    assert!(log.contains("the manifest changed under the job"), "{log}");
+    // The refusals left the job's state as it was.
+    assert_eq!(job.state()["finished"], false);
+}
+
+#[test]
+fn losing_workers_below_min_workers_fails_the_job_after_the_join_timeout() {
+    let spec = JobSpec {
+        items: 400,
+        min_workers: 2,
+        max_workers: 2,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    edit_config(&job, "join_timeout_s = 60", "join_timeout_s = 2");
+    job.start_coordinator();
+    job.start_worker(0, 30);
+    job.start_worker(1, 30);
+    job.wait_until(Duration::from_secs(60), "a checkpoint", |job| {
+        !job.state()["last_checkpoint"].is_null()
+    });
+    let killed_at = Instant::now();
+    Job::signal(job.workers[1].id(), "-KILL");
+    job.workers[1].wait().unwrap();
+    assert!(
+        !job.wait_coordinator(Duration::from_secs(60)),
+        "the job must fail below min_workers; log:\n{}",
+        job.coordinator_log()
+    );
+    let failed_after = killed_at.elapsed();
+    println!("below min_workers: the job failed {failed_after:?} after the kill (heartbeat timeout 2 s + join timeout 2 s)");
+    let state = job.state();
+    let failure = state["failure"].as_str().unwrap_or_default().to_string();
+    assert!(
+        failure.contains("only 1 of min_workers 2 joined within join_timeout_s 2"),
+        "{state}"
+    );
+    assert!(failed_after < Duration::from_secs(30));
+    // The survivor is told and exits rather than waiting forever.
+    wait_child(
+        &mut job.workers[0],
+        Duration::from_secs(30),
+        "the surviving worker",
+    );
 }

@@ -4,18 +4,18 @@
 # scripts/requirements/torch.txt), run as a non-root user. The NVIDIA driver (libcuda) comes from
 # the node through the NVIDIA container toolkit / GPU operator. Build from the repository root:
 #   docker build -f deploy/images/arbor-worker.Dockerfile -t REGISTRY/arbor-worker:TAG .
-# WORKER_FEATURES selects arbor-worker's cargo features (for example the NCCL backend), and
-# BUILD_PIP_PACKAGES adds wheels the build needs beside torch (headers such as nvidia-cuda-cccl).
+# WORKER_FEATURES selects arbor-worker's cargo features (default `nccl`, the NCCL backend for
+# multi-GPU training; `--build-arg WORKER_FEATURES=` builds a Gloo-only image), and
+# BUILD_PIP_PACKAGES adds wheels the build needs beside torch and the CUDA C++ headers.
 
 ARG RUST_VERSION=1.95.0
 ARG TORCH_VERSION=2.13.0
 
 FROM rust:${RUST_VERSION}-bookworm AS build
 ARG TORCH_VERSION
-ARG WORKER_FEATURES=""
-# Extra wheels for the build only, for example the CUDA C++ headers the NCCL backend compiles
-# against (scripts/requirements/cuda-headers.txt): --build-arg WORKER_FEATURES=nccl
-#   --build-arg BUILD_PIP_PACKAGES="nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85"
+ARG WORKER_FEATURES="nccl"
+# Extra wheels for the build stage only. The CUDA C++ headers the NCCL backend compiles against
+# (scripts/requirements/cuda-headers.txt, about 3 MB) are always installed here.
 ARG BUILD_PIP_PACKAGES=""
 # Debian bookworm's python3 is 3.11, the interpreter the torch wheel is picked for; the packages
 # are the build's own (scripts/apt-packages.txt): Gloo headers for the c10d shim, protoc, and
@@ -24,8 +24,10 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
        python3 python3-venv libgloo-dev protobuf-compiler libturbojpeg0-dev \
     && rm -rf /var/lib/apt/lists/*
+COPY scripts/requirements/cuda-headers.txt /tmp/cuda-headers.txt
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "torch==${TORCH_VERSION}" ${BUILD_PIP_PACKAGES}
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "torch==${TORCH_VERSION}" \
+       -r /tmp/cuda-headers.txt ${BUILD_PIP_PACKAGES}
 ENV LIBTORCH=/opt/venv/lib/python3.11/site-packages/torch \
     LIBTORCH_CXX11_ABI=1
 WORKDIR /build

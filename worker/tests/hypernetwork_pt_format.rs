@@ -236,7 +236,23 @@ fn half_precision_export_loads_in_torch() {
             "{name} is widened to f32 on load"
         );
     }
-    let _ = torch_outputs;
+    // torch's modules over the fp16 weights compute what arbor's re-read (widened) modules do,
+    // and both stay within fp16 rounding of the fp32 original.
+    let reread_outputs = module_outputs(&reread, &inputs);
+    let original_outputs = module_outputs(&hypernetwork, &inputs);
+    assert_eq!(torch_outputs.len(), reread_outputs.len());
+    for (name, output) in &reread_outputs {
+        let error = max_abs_diff(output, &torch_outputs[name], name);
+        assert!(
+            error <= 1e-5,
+            "fp16 module {name}: torch vs arbor error {error:e}"
+        );
+        let rounding = max_abs_diff(output, &original_outputs[name], name);
+        assert!(
+            rounding <= 1e-2,
+            "fp16 module {name}: {rounding:e} from the fp32 original"
+        );
+    }
 }
 
 #[test]

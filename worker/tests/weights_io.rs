@@ -94,7 +94,11 @@ fn single_file_export_loads_in_diffusers_from_single_file() {
                     .any(|part| key.contains(&format!("attn_1.{part}weight")))
         })
         .collect();
-    assert_eq!(mid_attention.len(), 8, "encoder and decoder q/k/v/proj_out weights");
+    assert_eq!(
+        mid_attention.len(),
+        8,
+        "encoder and decoder q/k/v/proj_out weights"
+    );
     for (key, tensor) in &mid_attention {
         let size = tensor.size();
         assert!(

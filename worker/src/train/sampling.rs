@@ -40,6 +40,8 @@ pub struct SampleSettings {
     pub width: u32,
     pub height: u32,
     pub seed: u64,
+    /// The hypernetwork's multiplier while sampling (training always uses 1).
+    pub hypernetwork_multiplier: f64,
 }
 
 impl SampleSettings {
@@ -64,12 +66,14 @@ impl SampleSettings {
             width,
             height,
             seed: config.job.seed,
+            hypernetwork_multiplier: config.samples.hypernetwork_multiplier,
         })
     }
 }
 
 /// Renders the sample grid of `step` as PNG bytes (`None` when there are no prompts). Runs
-/// without gradient, with the hypernetwork (if any) in inference mode.
+/// without gradient, with the hypernetwork (if any) in inference mode at
+/// `settings.hypernetwork_multiplier`.
 pub fn render_samples(
     model: &mut TrainingModel,
     settings: &SampleSettings,
@@ -78,13 +82,18 @@ pub fn render_samples(
     if settings.prompts.is_empty() {
         return Ok(None);
     }
-    let was_training = model.hypernetwork.as_ref().map(|hn| hn.train);
+    let was = model
+        .hypernetwork
+        .as_ref()
+        .map(|hn| (hn.train, hn.multiplier));
     if let Some(hypernetwork) = model.hypernetwork.as_mut() {
         hypernetwork.train = false;
+        hypernetwork.multiplier = settings.hypernetwork_multiplier;
     }
     let rendered = tch::no_grad(|| render(model, settings, step));
-    if let (Some(hypernetwork), Some(train)) = (model.hypernetwork.as_mut(), was_training) {
+    if let (Some(hypernetwork), Some((train, multiplier))) = (model.hypernetwork.as_mut(), was) {
         hypernetwork.train = train;
+        hypernetwork.multiplier = multiplier;
     }
     rendered.map(Some)
 }

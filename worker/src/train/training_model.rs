@@ -23,7 +23,7 @@ use crate::attention::KvContextTransform;
 use crate::clip::ClipTextModel;
 use crate::ddpm::{DdpmSchedule, PredictionType};
 use crate::error::{Result, WorkerError};
-use crate::hypernetwork::module::{Activation, HypernetworkStructure};
+use crate::hypernetwork::module::{Activation, HypernetworkStructure, WeightInit};
 use crate::hypernetwork::shallow_penalty::ShallowPenalty;
 use crate::hypernetwork::{Hypernetwork, HypernetworkInfo};
 use crate::model_components::ModelComponents;
@@ -368,8 +368,14 @@ fn build_hypernetwork(config: &JobConfig, device: Device) -> Result<Hypernetwork
     let structure = HypernetworkStructure {
         layer_structure: section.layer_structure.clone(),
         activation: Activation::from_a1111_name(Some(&section.activation))?,
-        dropout_structure: vec![0.0; section.layer_structure.len()],
-        ..HypernetworkStructure::default()
+        is_layer_norm: section.layer_norm,
+        weight_init: WeightInit::from_a1111_name(&section.weight_init)?,
+        dropout_structure: HypernetworkStructure::a1111_dropout_structure(
+            &section.layer_structure,
+            section.dropout,
+            section.last_layer_dropout,
+        ),
+        activate_output: section.activate_output,
     };
     let sizes: Vec<i64> = section.sizes.iter().map(|size| i64::from(*size)).collect();
     tch::manual_seed(config.job.seed as i64);
@@ -387,10 +393,16 @@ fn build_hypernetwork(config: &JobConfig, device: Device) -> Result<Hypernetwork
         device,
     )?;
     hypernetwork.train = true;
-    if !section.shallow_penalty.is_empty() {
+    if !section.shallow_penalty.is_empty() || section.l2_penalty > 0.0 {
+        let level_weights = if section.shallow_penalty.is_empty() {
+            vec![1.0]
+        } else {
+            section.shallow_penalty.clone()
+        };
         hypernetwork.set_shallow_penalty(Some(ShallowPenalty {
-            level_weights: section.shallow_penalty.clone(),
-            ..ShallowPenalty::default()
+            level_weights,
+            l2_strength: section.l2_penalty,
+            l2_level_weights: section.l2_penalty_weights.clone(),
         }))?;
     }
     Ok(hypernetwork)
