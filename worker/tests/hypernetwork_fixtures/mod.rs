@@ -19,15 +19,8 @@ pub const CASES: [&str; 3] = [
     "swish_layernorm_dropout_1_15_2_1",
     "linear_121_default",
 ];
-pub const ACTIVATIONS: [&str; 7] = [
-    "linear",
-    "relu",
-    "leakyrelu",
-    "elu",
-    "swish",
-    "tanh",
-    "sigmoid",
-];
+/// The activations both A1111 and ComfyUI accept, as the job config lists them.
+pub const ACTIVATIONS: [&str; 7] = arbor_common::config::HYPERNETWORK_ACTIVATIONS;
 pub const FORWARD_ATOL: f64 = 1e-4;
 pub const GRAD_RTOL: f64 = 1e-3;
 pub const GRAD_SCALE_FLOOR: f64 = 1e-4;
