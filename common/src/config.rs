@@ -200,6 +200,9 @@ pub struct ModelSection {
     pub prediction_type: String,
     /// In `finetune` mode, also train the CLIP text encoder.
     pub train_text_encoder: bool,
+    /// How long prompts' encoded chunks are laid out: `chunked` (A1111/NovelAI, 77·n states)
+    /// or `kohya` (kohya-ss/sd-scripts, 75·n+2), for models trained with that layout.
+    pub prompt_layout: String,
 }
 
 impl Default for ModelSection {
@@ -211,6 +214,7 @@ impl Default for ModelSection {
             max_chunks: 3,
             prediction_type: "epsilon".into(),
             train_text_encoder: false,
+            prompt_layout: "chunked".into(),
         }
     }
 }
@@ -643,6 +647,15 @@ impl JobConfig {
                 "must be a finite number",
             ));
         }
+        if !["chunked", "kohya"].contains(&self.model.prompt_layout.as_str()) {
+            return Err(invalid(
+                "model.prompt_layout",
+                format!(
+                    "expected `chunked` or `kohya`, got `{}`",
+                    self.model.prompt_layout
+                ),
+            ));
+        }
         let train = &self.train;
         if train.optimizer != "adamw" {
             return Err(invalid(
@@ -869,6 +882,7 @@ mod tests {
             ("data.prefetch_batches=65", "data.prefetch_batches"),
             ("train.cache_latents=true", "train.cache_latents"),
             ("hypernetwork.activation=gelu", "hypernetwork.activation"),
+            ("model.prompt_layout=sdxl", "model.prompt_layout"),
             ("hypernetwork.weight_init=Zeros", "hypernetwork.weight_init"),
             ("hypernetwork.l2_penalty=-1", "hypernetwork.l2_penalty"),
         ];

@@ -438,3 +438,26 @@ fn gradient_accumulation_steps_every_window_and_at_the_epoch_end() {
         [1, 2]
     );
 }
+
+#[test]
+fn the_prompt_layout_is_chosen_by_the_job_config() {
+    let _serial = serial();
+    let fixture = fixture();
+    // 180 tokens ("red", "dress", "," sixty times): three 75-token chunks.
+    let long_prompt = vec!["red dress"; 60].join(", ");
+    let mut widths = Vec::new();
+    for layout in ["chunked", "kohya"] {
+        let mut config = config(&fixture, "hypernetwork", "");
+        config.model.prompt_layout = layout.to_string();
+        let mut trainer = trainer();
+        trainer.start(&solo("", 0), &config).unwrap();
+        let context = trainer
+            .model()
+            .unwrap()
+            .encode_prompts(&[long_prompt.clone(), "cat".to_string()], None)
+            .unwrap();
+        widths.push(context.size()[1]);
+    }
+    // A1111/NovelAI: 77 states per chunk; kohya-ss: BOS + 75 per chunk + EOS.
+    assert_eq!(widths, [3 * 77, 3 * 75 + 2]);
+}

@@ -11,7 +11,6 @@ use tch::{Kind, Tensor};
 
 use crate::attention::KvContextTransform;
 use crate::error::{Result, WorkerError};
-use crate::prompt::PromptLayout;
 use crate::samplers::{sample, GuidedPrompt, Sampler, SamplerKind};
 use crate::train::loss_curve::render_loss_curve;
 use crate::train::run_dir::RunDir;
@@ -113,7 +112,7 @@ fn render(model: &TrainingModel, settings: &SampleSettings, step: u64) -> Result
         model.autocast(|| {
             model
                 .text_encoder
-                .encode_chunked(framed, model.clip_skip, PromptLayout::Chunked)
+                .encode_chunked(framed, model.clip_skip, model.prompt_layout)
         })
     };
     let context = encode(&framed_conditional.to_tensor().to_device(device))?.to_kind(Kind::Float);

@@ -88,6 +88,8 @@ pub struct TrainingModel {
     pub model_path: PathBuf,
     pub tokenizer: ClipTokenizer,
     pub framing: PromptFraming,
+    /// `model.prompt_layout`: how the chunks' states are joined, in training and sampling.
+    pub prompt_layout: PromptLayout,
     pub clip_skip: usize,
     pub text_encoder_store: nn::VarStore,
     pub text_encoder: ClipTextModel,
@@ -153,6 +155,10 @@ impl TrainingModel {
         let components = ModelComponents::open(&model_path, None, &Component::ALL, device)?;
         let tokenizer = tokenizer_for(&model_path)?;
         let framing = PromptFraming::for_tokenizer(&tokenizer, config.model.max_chunks as usize);
+        let prompt_layout = match config.model.prompt_layout.as_str() {
+            "kohya" => PromptLayout::Kohya,
+            _ => PromptLayout::Chunked,
+        };
         let (mut text_encoder_store, text_encoder) = components.text_encoder()?;
         let (mut unet_store, unet) = components.unet()?;
         let (mut vae_store, vae) = components.vae()?;
@@ -190,6 +196,7 @@ impl TrainingModel {
             model_path,
             tokenizer,
             framing,
+            prompt_layout,
             clip_skip: config.model.clip_skip as usize,
             text_encoder_store,
             text_encoder,
@@ -281,7 +288,7 @@ impl TrainingModel {
         let encode = || {
             self.autocast(|| {
                 self.text_encoder
-                    .encode_chunked(framed, self.clip_skip, PromptLayout::Chunked)
+                    .encode_chunked(framed, self.clip_skip, self.prompt_layout)
             })
         };
         if self.train_text_encoder {
