@@ -24,6 +24,11 @@ use crate::server::service::{CoordinatorService, Shared};
 pub struct CoordinatorArgs {
     #[command(flatten)]
     pub config: ConfigFlags,
+    /// Keep serving Status, /metrics and the health endpoints after the job finishes or fails,
+    /// until SIGTERM or Ctrl-C (for a Kubernetes Deployment, which would restart an exited
+    /// coordinator). Without it the coordinator exits shortly after the job ends.
+    #[arg(long, env = "ARBOR_KEEP_SERVING")]
+    pub keep_serving: bool,
 }
 
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -133,6 +138,7 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
         shared.clone(),
         config.clone(),
         shutdown_sender.clone(),
+        args.keep_serving,
     ));
     tokio::spawn(stop_on_signal(shutdown_sender.clone()));
     let metrics_listener = tokio::net::TcpListener::bind(metrics_listen)
@@ -204,11 +210,12 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
 }
 
 /// Forms groups, detects lost workers, and shuts down a little after the job ends (so every
-/// worker hears STOP on its next heartbeat).
+/// worker hears STOP on its next heartbeat), unless `keep_serving`.
 async fn ticker(
     shared: Arc<Shared>,
     config: Arc<arbor_common::config::JobConfig>,
     shutdown: watch::Sender<bool>,
+    keep_serving: bool,
 ) {
     let mut interval = tokio::time::interval(Duration::from_millis(100));
     let mut ended_at: Option<tokio::time::Instant> = None;
@@ -229,6 +236,13 @@ async fn ticker(
         };
         if changed {
             shared.notify();
+        }
+        if ended && keep_serving {
+            if ended_at.is_none() {
+                info!("the job has ended; serving status until SIGTERM (--keep-serving)");
+                ended_at = Some(tokio::time::Instant::now());
+            }
+            continue;
         }
         if ended {
             let since = *ended_at.get_or_insert_with(tokio::time::Instant::now);

@@ -665,3 +665,41 @@ fn losing_workers_below_min_workers_fails_the_job_after_the_join_timeout() {
         "the surviving worker",
     );
 }
+
+#[test]
+fn with_keep_serving_a_finished_coordinator_answers_status_until_sigterm() {
+    let spec = JobSpec {
+        items: 60,
+        epochs: 1,
+        min_workers: 1,
+        max_workers: 1,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator_with(&["--keep-serving"]);
+    job.start_worker(0, 0);
+    job.wait_until(Duration::from_secs(60), "the job to finish", |job| {
+        job.state()["finished"] == true
+    });
+    wait_child(&mut job.workers[0], Duration::from_secs(30), "the worker");
+    // Well past the grace after which a coordinator without --keep-serving exits.
+    std::thread::sleep(Duration::from_secs(3));
+    let coordinator = job.coordinator.as_mut().unwrap();
+    assert!(
+        coordinator.try_wait().unwrap().is_none(),
+        "the coordinator exited despite --keep-serving"
+    );
+    let address = job.address();
+    let phase = runtime().block_on(async {
+        let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
+        client
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .phase
+    });
+    assert_eq!(phase, "finished");
+    Job::signal(job.coordinator.as_ref().unwrap().id(), "-TERM");
+    assert!(job.wait_coordinator(Duration::from_secs(30)));
+}

@@ -203,9 +203,15 @@ heartbeat_timeout_s = {heartbeat_timeout_s}
     }
 
     pub fn start_coordinator(&mut self) {
+        self.start_coordinator_with(&[]);
+    }
+
+    /// Starts the coordinator with extra flags.
+    pub fn start_coordinator_with(&mut self, flags: &[&str]) {
         let child = Command::new(env!("CARGO_BIN_EXE_arbor"))
             .args(["coordinator", "--config"])
             .arg(self.path().join("job.toml"))
+            .args(flags)
             .env("ARBOR_TOKEN", TOKEN)
             .env("ARBOR_LOG", "info")
             .envs(self.env.iter().cloned())
