@@ -653,8 +653,12 @@ fn losing_workers_below_min_workers_fails_the_job_after_the_join_timeout() {
     println!("below min_workers: the job failed {failed_after:?} after the kill (heartbeat timeout 2 s + join timeout 2 s)");
     let state = job.state();
     let failure = state["failure"].as_str().unwrap_or_default().to_string();
+    // The survivor may or may not have re-joined within the 2 s (a loaded machine is slow).
     assert!(
-        failure.contains("only 1 of min_workers 2 joined within join_timeout_s 2"),
+        ["only 0 of", "only 1 of"]
+            .iter()
+            .any(|count| failure.starts_with(count))
+            && failure.ends_with("of min_workers 2 joined within join_timeout_s 2"),
         "{state}"
     );
     assert!(failed_after < Duration::from_secs(30));
