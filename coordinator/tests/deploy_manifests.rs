@@ -63,8 +63,15 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The project's virtualenv: `ARBOR_VENV` (as scripts/setup.sh honours it), else `.venv`.
+fn venv_dir() -> PathBuf {
+    std::env::var_os("ARBOR_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv"))
+}
+
 fn venv_bin(name: &str) -> PathBuf {
-    repo_root().join(".venv/bin").join(name)
+    venv_dir().join("bin").join(name)
 }
 
 fn kubectl() -> anyhow::Result<PathBuf> {
@@ -1623,10 +1630,7 @@ fn check_worker_libraries(
         .and_then(|lib| lib.file_name())
         .map(|name| name.to_string_lossy().to_string())
         .unwrap_or_default();
-    let local_site_packages = repo_root()
-        .join(".venv/lib")
-        .join(&python)
-        .join("site-packages");
+    let local_site_packages = venv_dir().join("lib").join(&python).join("site-packages");
     ensure!(
         local_site_packages.join("torch").exists(),
         "{file}: the image installs torch for {python}, but {} has none (run scripts/setup.sh)",
