@@ -487,26 +487,16 @@ impl JobConfig {
 
     fn validate_hypernetwork(&self) -> Result<(), CommonError> {
         let section = &self.hypernetwork;
-        if !HYPERNETWORK_ACTIVATIONS.contains(&section.activation.as_str()) {
-            return Err(invalid(
-                "hypernetwork.activation",
-                format!(
-                    "expected one of {}, got `{}`",
-                    HYPERNETWORK_ACTIVATIONS.join(", "),
-                    section.activation
-                ),
-            ));
-        }
-        if !HYPERNETWORK_WEIGHT_INITS.contains(&section.weight_init.as_str()) {
-            return Err(invalid(
-                "hypernetwork.weight_init",
-                format!(
-                    "expected one of {}, got `{}`",
-                    HYPERNETWORK_WEIGHT_INITS.join(", "),
-                    section.weight_init
-                ),
-            ));
-        }
+        expect_one_of(
+            "hypernetwork.activation",
+            &section.activation,
+            &HYPERNETWORK_ACTIVATIONS,
+        )?;
+        expect_one_of(
+            "hypernetwork.weight_init",
+            &section.weight_init,
+            &HYPERNETWORK_WEIGHT_INITS,
+        )?;
         let structure = &section.layer_structure;
         if structure.len() < 2 || structure.first() != Some(&1.0) || structure.last() != Some(&1.0)
         {
@@ -616,30 +606,22 @@ impl JobConfig {
                 format!("must be at most {MAX_PREFETCH_BATCHES} (each batch in flight holds its pixels in memory)"),
             ));
         }
-        if !["hypernetwork", "finetune"].contains(&self.model.mode.as_str()) {
-            return Err(invalid(
-                "model.mode",
-                format!(
-                    "expected `hypernetwork` or `finetune`, got `{}`",
-                    self.model.mode
-                ),
-            ));
-        }
+        expect_one_of(
+            "model.mode",
+            &self.model.mode,
+            &["hypernetwork", "finetune"],
+        )?;
         if !(1..=2).contains(&self.model.clip_skip) {
             return Err(invalid("model.clip_skip", "must be 1 or 2"));
         }
         if self.model.max_chunks == 0 {
             return Err(invalid("model.max_chunks", "must be at least 1"));
         }
-        if !["epsilon", "v_prediction"].contains(&self.model.prediction_type.as_str()) {
-            return Err(invalid(
-                "model.prediction_type",
-                format!(
-                    "expected `epsilon` or `v_prediction`, got `{}`",
-                    self.model.prediction_type
-                ),
-            ));
-        }
+        expect_one_of(
+            "model.prediction_type",
+            &self.model.prediction_type,
+            &["epsilon", "v_prediction"],
+        )?;
         self.validate_hypernetwork()?;
         if !self.samples.hypernetwork_multiplier.is_finite() {
             return Err(invalid(
@@ -647,15 +629,11 @@ impl JobConfig {
                 "must be a finite number",
             ));
         }
-        if !["chunked", "kohya"].contains(&self.model.prompt_layout.as_str()) {
-            return Err(invalid(
-                "model.prompt_layout",
-                format!(
-                    "expected `chunked` or `kohya`, got `{}`",
-                    self.model.prompt_layout
-                ),
-            ));
-        }
+        expect_one_of(
+            "model.prompt_layout",
+            &self.model.prompt_layout,
+            &["chunked", "kohya"],
+        )?;
         let train = &self.train;
         if train.optimizer != "adamw" {
             return Err(invalid(
@@ -663,24 +641,16 @@ impl JobConfig {
                 format!("only `adamw` is supported, got `{}`", train.optimizer),
             ));
         }
-        if !["bf16", "fp32", "no"].contains(&train.mixed_precision.as_str()) {
-            return Err(invalid(
-                "train.mixed_precision",
-                format!(
-                    "expected `bf16`, `fp32` or `no`, got `{}`",
-                    train.mixed_precision
-                ),
-            ));
-        }
-        if !["constant", "cosine"].contains(&train.lr_scheduler.as_str()) {
-            return Err(invalid(
-                "train.lr_scheduler",
-                format!(
-                    "expected `constant` or `cosine`, got `{}`",
-                    train.lr_scheduler
-                ),
-            ));
-        }
+        expect_one_of(
+            "train.mixed_precision",
+            &train.mixed_precision,
+            &["bf16", "fp32", "no"],
+        )?;
+        expect_one_of(
+            "train.lr_scheduler",
+            &train.lr_scheduler,
+            &["constant", "cosine"],
+        )?;
         if train.max_grad_norm.is_nan() || train.max_grad_norm < 0.0 {
             return Err(invalid(
                 "train.max_grad_norm",
@@ -699,12 +669,7 @@ impl JobConfig {
         if self.samples.steps == 0 {
             return Err(invalid("samples.steps", "must be at least 1"));
         }
-        if !["ddim", "euler"].contains(&self.samples.sampler.as_str()) {
-            return Err(invalid(
-                "samples.sampler",
-                format!("expected `ddim` or `euler`, got `{}`", self.samples.sampler),
-            ));
-        }
+        expect_one_of("samples.sampler", &self.samples.sampler, &["ddim", "euler"])?;
         Ok(())
     }
 
@@ -813,6 +778,21 @@ pub fn known_keys() -> BTreeMap<&'static str, Vec<String>> {
     keys
 }
 
+/// Refuses `value` unless it is one of `allowed`, naming the field and the choices
+/// ("expected `a`, `b` or `c`, got `x`").
+fn expect_one_of(field: &'static str, value: &str, allowed: &[&str]) -> Result<(), CommonError> {
+    if allowed.contains(&value) {
+        return Ok(());
+    }
+    let quoted: Vec<String> = allowed.iter().map(|choice| format!("`{choice}`")).collect();
+    let choices = match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => "nothing".to_string(),
+    };
+    Err(invalid(field, format!("expected {choices}, got `{value}`")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -865,6 +845,19 @@ mod tests {
                 .lr,
             "0.0001"
         );
+    }
+
+    #[test]
+    fn a_value_outside_its_choices_is_refused_with_them() {
+        let error = expect_one_of("train.mixed_precision", "fp8", &["bf16", "fp32", "no"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("train.mixed_precision")
+                && error.contains("expected `bf16`, `fp32` or `no`, got `fp8`"),
+            "{error}"
+        );
+        assert!(expect_one_of("model.mode", "finetune", &["hypernetwork", "finetune"]).is_ok());
     }
 
     #[test]

@@ -565,19 +565,6 @@ fn edit_config(job: &Job, from: &str, to: &str) {
     std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
 }
 
-/// Waits up to `limit` for a child to exit; kills it and panics if it does not.
-fn wait_child(child: &mut std::process::Child, limit: Duration, what: &str) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    panic!("{what} still running after {limit:?}");
-}
-
 #[test]
 fn a_changed_config_or_manifest_under_a_job_is_refused_with_the_reason() {
     let spec = JobSpec {
@@ -663,7 +650,7 @@ fn losing_workers_below_min_workers_fails_the_job_after_the_join_timeout() {
     );
     assert!(failed_after < Duration::from_secs(30));
     // The survivor is told and exits rather than waiting forever.
-    wait_child(
+    support::wait_exit(
         &mut job.workers[0],
         Duration::from_secs(30),
         "the surviving worker",
@@ -685,7 +672,7 @@ fn with_keep_serving_a_finished_coordinator_answers_status_until_sigterm() {
     job.wait_until(Duration::from_secs(60), "the job to finish", |job| {
         job.state()["finished"] == true
     });
-    wait_child(&mut job.workers[0], Duration::from_secs(30), "the worker");
+    support::wait_exit(&mut job.workers[0], Duration::from_secs(30), "the worker");
     // Well past the grace after which a coordinator without --keep-serving exits.
     std::thread::sleep(Duration::from_secs(3));
     let coordinator = job.coordinator.as_mut().unwrap();

@@ -254,18 +254,12 @@ heartbeat_timeout_s = {heartbeat_timeout_s}
     /// Waits for the coordinator to exit; returns its success.
     pub fn wait_coordinator(&mut self, limit: Duration) -> bool {
         let child = self.coordinator.as_mut().unwrap();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.success();
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "coordinator still running after {limit:?}; log:\n{}",
-                    self.coordinator_log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        match try_wait_for(child, limit) {
+            Some(status) => status.success(),
+            None => panic!(
+                "coordinator still running after {limit:?}; log:\n{}",
+                self.coordinator_log()
+            ),
         }
     }
 
@@ -334,5 +328,27 @@ impl Drop for Job {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// The child's exit status once it exits within `limit`, else `None` (it keeps running).
+pub fn try_wait_for(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits up to `limit` for a child to exit; kills it and panics if it does not.
+pub fn wait_exit(child: &mut Child, limit: Duration, what: &str) {
+    if try_wait_for(child, limit).is_none() {
+        let _ = child.kill();
+        panic!("{what} still running after {limit:?}");
     }
 }
