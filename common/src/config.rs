@@ -137,8 +137,13 @@ pub struct ScheduleSection {
     pub epochs: u64,
     /// Stop after this many optimizer steps, whatever `epochs` says.
     pub max_steps: Option<u64>,
-    /// Checkpoint every this many batches (per rank) within an epoch, and at every epoch end.
+    /// Checkpoint every this many optimizer steps, and at every epoch's end (the coordinator
+    /// schedules it; checkpoints always fall on an accumulation window's end).
     pub checkpoint_every: u64,
+    /// Also checkpoint when this many minutes passed since the last complete checkpoint (the
+    /// coordinator asks the running group, as `arbor checkpoint` does): bounds the work a
+    /// preempted node can lose when steps are slow. Unset: only `checkpoint_every`.
+    pub checkpoint_every_minutes: Option<f64>,
 }
 
 impl Default for ScheduleSection {
@@ -149,6 +154,7 @@ impl Default for ScheduleSection {
             epochs: 2,
             max_steps: None,
             checkpoint_every: 100,
+            checkpoint_every_minutes: None,
         }
     }
 }
@@ -554,6 +560,14 @@ impl JobConfig {
         if schedule.checkpoint_every == 0 {
             return Err(invalid("schedule.checkpoint_every", "must be at least 1"));
         }
+        if let Some(minutes) = schedule.checkpoint_every_minutes {
+            if !(minutes.is_finite() && minutes > 0.0) {
+                return Err(invalid(
+                    "schedule.checkpoint_every_minutes",
+                    format!("must be a positive number of minutes, got {minutes}"),
+                ));
+            }
+        }
         if schedule.epochs == 0 && schedule.max_steps.is_none() {
             return Err(invalid(
                 "schedule.epochs",
@@ -878,6 +892,10 @@ mod tests {
             ("model.prompt_layout=sdxl", "model.prompt_layout"),
             ("hypernetwork.weight_init=Zeros", "hypernetwork.weight_init"),
             ("hypernetwork.l2_penalty=-1", "hypernetwork.l2_penalty"),
+            (
+                "schedule.checkpoint_every_minutes=0",
+                "schedule.checkpoint_every_minutes",
+            ),
         ];
         for (flag, field) in cases {
             let overrides = [Override::from_flag(flag).unwrap()];

@@ -5,8 +5,10 @@
 //! (the keyed epoch order) → [`plan`] (trim and strided shards, elastic re-shards) →
 //! [`sampler`] (per-rank bucket lists, catch-all and batch draws) → [`crop`] (how each image
 //! fits its bucket). [`manifest`] reads the dataset's JSON Lines manifest and [`stream`] holds
-//! the counter-based random streams everything above draws from.
+//! the counter-based random streams everything above draws from. [`accumulation`] holds the
+//! gradient accumulation windows and the checkpoint schedule they constrain.
 
+pub mod accumulation;
 pub mod assign;
 pub mod buckets;
 pub mod config;

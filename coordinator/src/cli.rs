@@ -3,8 +3,8 @@
 use clap::{Parser, Subcommand};
 
 use crate::{
-    coordinator_command, index_command, launch_command, plan_command, preview_command,
-    status_command, worker_command,
+    checkpoint_command, coordinator_command, index_command, launch_command, plan_command,
+    preview_command, status_command, worker_command,
 };
 
 /// arbor trains Stable Diffusion 1.x models across GPU nodes with NovelAI's aspect-ratio
@@ -31,6 +31,9 @@ pub enum Command {
     Worker(worker_command::WorkerArgs),
     /// Show a running job: workers, ranks, generation, epoch, progress, last checkpoint, events.
     Status(status_command::StatusArgs),
+    /// Ask a running job to checkpoint soon (at an accumulation window's end every rank can
+    /// still reach); `--wait` blocks until it is complete.
+    Checkpoint(checkpoint_command::CheckpointArgs),
     /// Start a coordinator and N local workers as processes (logs prefixed; Ctrl-C stops all).
     Launch(launch_command::LaunchArgs),
     /// Index a dataset (a folder or an object-store prefix) into a JSON Lines manifest: sizes
@@ -49,6 +52,7 @@ impl Cli {
             Command::Coordinator(args) => coordinator_command::run(args),
             Command::Worker(args) => worker_command::run(args),
             Command::Status(args) => status_command::run(args),
+            Command::Checkpoint(args) => checkpoint_command::run(args),
             Command::Launch(args) => launch_command::run(args),
             Command::Index(args) => index_command::run(args),
             Command::Preview(args) => preview_command::run(args),

@@ -1,7 +1,9 @@
 //! `arbor-coordinator`: the control plane (no libtorch). The `arbor` binary's commands live in
 //! [`cli`]; the server in [`server`]; the libtorch-free dry-run worker in [`worker_command`].
 
+pub mod checkpoint_command;
 pub mod cli;
+pub mod client_flags;
 pub mod coordinator_command;
 pub mod dataset;
 pub mod dry_run;

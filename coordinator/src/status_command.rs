@@ -5,44 +5,28 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arbor_proto::v1::{StatusReply, StatusRequest};
-use arbor_runtime::client::connect;
 use clap::Args;
 use serde_json::json;
 
-use crate::token_flags::TokenFlags;
+use crate::client_flags::ClientFlags;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The coordinator, `host:port` or `http(s)://host:port`.
-    #[arg(long, env = "ARBOR_COORDINATOR", default_value = "127.0.0.1:50051")]
-    coordinator: String,
     #[command(flatten)]
-    token: TokenFlags,
-    /// PEM CA certificate to verify a TLS coordinator (`https://host:port`).
-    #[arg(long)]
-    tls_ca: Option<std::path::PathBuf>,
+    client: ClientFlags,
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<std::process::ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let token = args.token.token()?;
-    let tls_ca_pem = match &args.tls_ca {
-        Some(path) => Some(
-            std::fs::read(path).with_context(|| format!("reading --tls-ca {}", path.display()))?,
-        ),
-        None => None,
-    };
+    let (runtime, mut client) = args.client.connect()?;
+    let coordinator = &args.client.coordinator;
     let reply = runtime.block_on(async {
-        let mut client = connect(&args.coordinator, &token, tls_ca_pem)?;
         let reply = tokio::time::timeout(Duration::from_secs(10), client.status(StatusRequest {}))
             .await
             .context("the coordinator did not answer within 10s")?
-            .with_context(|| format!("status from {}", args.coordinator))?;
+            .with_context(|| format!("status from {coordinator}"))?;
         anyhow::Ok(reply.into_inner())
     })?;
     let mut out = std::io::stdout().lock();
@@ -78,6 +62,7 @@ pub fn status_json(reply: &StatusReply) -> serde_json::Value {
         "batches_per_rank": reply.batches_per_rank,
         "step": reply.step,
         "regroups": reply.regroups,
+        "pending_checkpoint_batch": (reply.pending_checkpoint_batch > 0).then_some(reply.pending_checkpoint_batch),
         "failure": if reply.failure.is_empty() { serde_json::Value::Null } else { json!(reply.failure) },
         "last_checkpoint": reply.last_checkpoint.as_ref().map(|c| json!({
             "epoch": c.epoch, "segment": c.segment, "batch": c.batch, "step": c.step, "path": c.checkpoint,
@@ -110,6 +95,13 @@ fn write_status(out: &mut impl Write, reply: &StatusReply) -> anyhow::Result<()>
             c.checkpoint, c.epoch, c.batch
         )?,
         None => writeln!(out, "last checkpoint: none")?,
+    }
+    if reply.pending_checkpoint_batch > 0 {
+        writeln!(
+            out,
+            "requested checkpoint: at batch {}",
+            reply.pending_checkpoint_batch
+        )?;
     }
     writeln!(
         out,

@@ -5,6 +5,7 @@ mod support;
 
 use std::collections::HashSet;
 use std::io::Write;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use arbor_proto::v1::{HeartbeatRequest, JoinRequest, ShardRequest, StatusRequest};
@@ -407,6 +408,29 @@ fn reqwest_metrics(port: u16) -> String {
     response
 }
 
+/// Joins as the single worker `w` of a one-worker job, retrying while the coordinator starts.
+async fn join_as_worker_w(
+    client: &mut arbor_runtime::client::Client,
+) -> arbor_proto::v1::JoinReply {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let join = JoinRequest {
+        worker_id: "w".into(),
+        node: "n".into(),
+        local_rank: 0,
+        advertise_host: "127.0.0.1".into(),
+        store_port: 1,
+    };
+    loop {
+        match client.join(join.clone()).await {
+            Ok(reply) => return reply.into_inner(),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(status) => panic!("join failed: {status}"),
+        }
+    }
+}
+
 #[test]
 fn a_cut_shard_stream_resumes_without_duplicates() {
     let spec = JobSpec {
@@ -421,25 +445,7 @@ fn a_cut_shard_stream_resumes_without_duplicates() {
     let address = job.address();
     runtime().block_on(async {
         let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let reply = loop {
-            match client
-                .join(JoinRequest {
-                    worker_id: "w".into(),
-                    node: "n".into(),
-                    local_rank: 0,
-                    advertise_host: "127.0.0.1".into(),
-                    store_port: 1,
-                })
-                .await
-            {
-                Ok(reply) => break reply.into_inner(),
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(status) => panic!("join failed: {status}"),
-            }
-        };
+        let reply = join_as_worker_w(&mut client).await;
         let request = |start_index| ShardRequest {
             worker_id: "w".into(),
             generation: reply.generation,
@@ -693,4 +699,296 @@ fn with_keep_serving_a_finished_coordinator_answers_status_until_sigterm() {
     assert_eq!(phase, "finished");
     Job::signal(job.coordinator.as_ref().unwrap().id(), "-TERM");
     assert!(job.wait_coordinator(Duration::from_secs(30)));
+}
+
+#[test]
+fn a_requested_checkpoint_is_written_by_every_rank_at_the_batch_the_coordinator_chose() {
+    let spec = JobSpec {
+        items: 600,
+        min_workers: 2,
+        max_workers: 2,
+        epochs: 1,
+        // Only the epoch's end is scheduled: any other checkpoint is the requested one.
+        checkpoint_every: 10_000,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    for rank in 0..2 {
+        job.start_worker(rank, 40);
+    }
+    job.wait_until(Duration::from_secs(60), "training to start", |job| {
+        job.ledger_lines(0).len() >= 8
+    });
+    let output = Command::new(env!("CARGO_BIN_EXE_arbor"))
+        .args(["checkpoint", "--coordinator", &job.address()])
+        .args(["--reason", "before maintenance", "--wait", "30"])
+        .env("ARBOR_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        job.coordinator_log()
+    );
+    let batch: u64 = stdout
+        .split("at batch ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no batch in {stdout}"));
+    // grad_accum 1 and a fresh job: the step is the batch.
+    let path = format!("checkpoints/step-{batch}");
+    assert!(
+        stdout.contains(&format!("checkpoint complete: {path}")),
+        "{stdout}"
+    );
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(job.run_dir().join(&path).join("coordinator.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["batch"], batch, "{record}");
+    assert_eq!(record["world_size"], 2, "{record}");
+    assert!(job.run_dir().join(&path).join("COMPLETE").exists());
+    let log = job.coordinator_log();
+    assert!(
+        log.contains(&format!("checkpoint requested at batch {batch}"))
+            && log.contains("before maintenance"),
+        "{log}"
+    );
+    // The ranks had not reached the batch when they were asked, and both wrote it.
+    let ledger_at_request = 8;
+    assert!(batch as usize > ledger_at_request / 2, "batch {batch}");
+    assert!(
+        !log.contains("passed the requested checkpoint"),
+        "a rank missed the request: {log}"
+    );
+    assert!(
+        job.wait_coordinator(Duration::from_secs(120)),
+        "{}",
+        job.coordinator_log()
+    );
+    let state = job.state();
+    assert_eq!(state["finished"], true);
+    // The requested checkpoint fell before the epoch's end: it was not the scheduled one.
+    let mut steps: Vec<u64> = std::fs::read_dir(job.run_dir().join("checkpoints"))
+        .unwrap()
+        .filter_map(|entry| {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            name.strip_prefix("step-")?.parse().ok()
+        })
+        .collect();
+    steps.sort_unstable();
+    assert_eq!(
+        steps.len(),
+        2,
+        "the requested one and the epoch's end: {steps:?}"
+    );
+    assert_eq!(steps[0], batch);
+    assert_nothing_twice_nothing_lost(&job, 0, 1, 8);
+}
+
+#[test]
+fn a_checkpoint_request_without_a_running_group_is_refused_with_the_reason() {
+    let spec = JobSpec {
+        min_workers: 2,
+        max_workers: 2,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    let address = job.address();
+    runtime().block_on(async {
+        let client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.clone().status(StatusRequest {}).await.is_err() {
+            assert!(Instant::now() < deadline, "coordinator did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let refused = client
+            .clone()
+            .request_checkpoint(arbor_proto::v1::RequestCheckpointRequest {
+                reason: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            refused.message().contains("no running group") && refused.message().contains("forming"),
+            "{}",
+            refused.message()
+        );
+    });
+}
+
+#[test]
+fn a_shard_stream_cut_and_not_resumed_marks_the_worker_lost_even_while_it_heartbeats() {
+    // Enough items that the coordinator is still streaming when the worker walks away.
+    let spec = JobSpec {
+        items: 24_000,
+        bsz: 2,
+        min_workers: 1,
+        max_workers: 1,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    let address = job.address();
+    runtime().block_on(async {
+        let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
+        let reply = join_as_worker_w(&mut client).await;
+        let heartbeats = {
+            let mut client = client.clone();
+            let generation = reply.generation;
+            tokio::spawn(async move {
+                loop {
+                    let request = HeartbeatRequest {
+                        worker_id: "w".into(),
+                        generation,
+                        rank: 0,
+                        ..Default::default()
+                    };
+                    let _ = client.heartbeat(request).await;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            })
+        };
+        // A client with HTTP/2's smallest default window, so that the coordinator cannot push
+        // the whole shard into its buffers before the stream is dropped.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await
+            .unwrap();
+        let mut streaming_client =
+            arbor_proto::v1::coordinator_client::CoordinatorClient::with_interceptor(
+                channel,
+                |mut request: tonic::Request<()>| {
+                    let bearer = format!("Bearer {TOKEN}").parse().unwrap();
+                    request.metadata_mut().insert("authorization", bearer);
+                    Ok(request)
+                },
+            );
+        let mut stream = streaming_client
+            .shard(ShardRequest {
+                worker_id: "w".into(),
+                generation: reply.generation,
+                rank: 0,
+                epoch: 0,
+                start_index: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap();
+        let cut_at = Instant::now();
+        drop(stream);
+        let lost = loop {
+            let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+            if let Some(event) = status
+                .recent_events
+                .iter()
+                .find(|event| event.contains("lost"))
+            {
+                break event.clone();
+            }
+            assert!(
+                cut_at.elapsed() < Duration::from_secs(15),
+                "the cut stream was never noticed: {:?}\n{}",
+                status.recent_events,
+                job.coordinator_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let detection = cut_at.elapsed().as_secs_f64();
+        heartbeats.abort();
+        eprintln!("cut shard stream detected after {detection:.2}s (heartbeat timeout 2s)");
+        assert!(
+            lost.contains("shard stream was cut and not resumed"),
+            "{lost}"
+        );
+        assert!(detection >= 1.5, "detected too early: {detection}s");
+    });
+}
+
+#[test]
+fn a_rank_that_passes_a_requested_checkpoint_gets_it_again_further_ahead_then_it_is_dropped() {
+    let spec = JobSpec {
+        items: 2600,
+        bsz: 2,
+        min_workers: 1,
+        max_workers: 1,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    let address = job.address();
+    runtime().block_on(async {
+        let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
+        let reply = join_as_worker_w(&mut client).await;
+        // 8 items/s at bsz 2 is 4 batches/s: two heartbeat intervals (0.25 s) are 2 batches.
+        let heartbeat = |batches_done: u64| {
+            let mut client = client.clone();
+            let request = HeartbeatRequest {
+                worker_id: "w".into(),
+                generation: reply.generation,
+                rank: 0,
+                batches_done,
+                items_per_second: 8.0,
+                ..Default::default()
+            };
+            async move { client.heartbeat(request).await.unwrap().into_inner() }
+        };
+        heartbeat(10).await;
+        let requested = client
+            .clone()
+            .request_checkpoint(arbor_proto::v1::RequestCheckpointRequest {
+                reason: "test".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Ahead of batch 10 by 2 batches plus one.
+        assert_eq!(requested.batch, 13);
+        let checkpoint = arbor_proto::v1::Command::Checkpoint as i32;
+        let command = heartbeat(11).await;
+        assert_eq!(
+            (command.command, command.checkpoint_batch),
+            (checkpoint, 13)
+        );
+        // Asking again while it is pending gives the same batch.
+        let again = client
+            .clone()
+            .request_checkpoint(arbor_proto::v1::RequestCheckpointRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again.batch, 13);
+        // The rank passed batch 13 without writing it: asked again with twice the lead.
+        let command = heartbeat(20).await;
+        assert_eq!(
+            (command.command, command.checkpoint_batch),
+            (checkpoint, 25)
+        );
+        let command = heartbeat(30).await;
+        assert_eq!(
+            (command.command, command.checkpoint_batch),
+            (checkpoint, 37)
+        );
+        // The third miss drops the request.
+        let command = heartbeat(40).await;
+        assert_eq!(command.command, arbor_proto::v1::Command::Continue as i32);
+        let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+        assert_eq!(status.pending_checkpoint_batch, 0);
+        let events = status.recent_events.join("\n");
+        assert!(
+            events.contains("rank 0 passed the requested checkpoint at batch 13 (it is at 20)")
+                && events.contains("giving the request up"),
+            "{events}"
+        );
+    });
 }

@@ -9,11 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use arbor_common::accumulation::{
+    scheduled_checkpoints, window_end_at_or_after, CheckpointSchedule,
+};
 use arbor_common::config::JobConfig;
 use arbor_common::plan::{ConsumedSet, EpochPlan, PlanParams};
 use arbor_proto::v1::{
     CheckpointDoneRequest, Command, HeartbeatReply, HeartbeatRequest, JoinReply, JoinRequest,
-    ResumePoint, StatusReply, WorkerStatus,
+    RequestCheckpointReply, ResumePoint, StatusReply, WorkerStatus,
 };
 use tonic::Status;
 use tracing::{info, warn};
@@ -25,6 +28,9 @@ use super::run_store::RunStore;
 use crate::dataset::Dataset;
 
 const RECENT_EVENTS: usize = 64;
+/// How often a requested checkpoint that a rank missed (it passed the batch before it heard of
+/// the request) is asked for again, further ahead, before the request is dropped.
+const CHECKPOINT_REQUEST_ATTEMPTS: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
@@ -56,6 +62,23 @@ struct WorkerEntry {
     batches_done: u64,
     loss: f64,
     items_per_second: f64,
+    /// The number of its latest Shard stream.
+    shard_stream: u64,
+    /// When its latest Shard stream was cut before the end; cleared by its next Shard call. A
+    /// stream not resumed within the heartbeat timeout marks the worker lost.
+    stream_cut_at: Option<Instant>,
+}
+
+/// A checkpoint the coordinator asked the running group for (`arbor checkpoint` or
+/// `schedule.checkpoint_every_minutes`), at `batch` of the current plan.
+#[derive(Debug, Clone)]
+struct RequestedCheckpoint {
+    generation: u64,
+    epoch: u64,
+    segment: u64,
+    batch: u64,
+    reason: String,
+    attempt: u32,
 }
 
 /// Everything the coordinator decides, behind one lock.
@@ -72,6 +95,14 @@ pub struct Membership {
     plan: Option<Arc<EpochPlan>>,
     /// The batch the current generation resumed from in the current plan.
     resume_batch: u64,
+    /// Optimizer steps done at `resume_batch`.
+    resume_step: u64,
+    /// The "batches done" counts of the current plan at which ranks checkpoint.
+    scheduled_checkpoints: Arc<Vec<u64>>,
+    requested_checkpoint: Option<RequestedCheckpoint>,
+    /// When the last checkpoint completed (or the group formed): `checkpoint_every_minutes`
+    /// counts from here.
+    last_checkpoint_at: Instant,
     checkpoint_reports: HashMap<(u64, u64, u64), BTreeSet<u32>>,
     ledger: EpochLedger,
     events: VecDeque<String>,
@@ -84,6 +115,9 @@ pub struct ShardSource {
     pub plan: Arc<EpochPlan>,
     pub segment: u64,
     pub start_batch: u64,
+    pub checkpoint_batches: Arc<Vec<u64>>,
+    /// The worker's stream number, for [`Membership::shard_stream_cut`].
+    pub stream: u64,
 }
 
 impl Membership {
@@ -112,6 +146,10 @@ impl Membership {
             group: Vec::new(),
             plan: None,
             resume_batch: 0,
+            resume_step: 0,
+            scheduled_checkpoints: Arc::new(Vec::new()),
+            requested_checkpoint: None,
+            last_checkpoint_at: now,
             checkpoint_reports: HashMap::new(),
             ledger,
             events: VecDeque::new(),
@@ -191,6 +229,8 @@ impl Membership {
                 batches_done: 0,
                 loss: 0.0,
                 items_per_second: 0.0,
+                shard_stream: 0,
+                stream_cut_at: None,
             },
         );
         if !known {
@@ -280,6 +320,12 @@ impl Membership {
             return;
         }
         self.event(format!("regroup: {reason}"));
+        if let Some(requested) = self.requested_checkpoint.take() {
+            self.event(format!(
+                "requested checkpoint at batch {} withdrawn: the group is re-forming",
+                requested.batch
+            ));
+        }
         self.phase = Phase::Forming;
         self.forming_since = Instant::now();
         self.state.regroups += 1;
@@ -299,24 +345,41 @@ impl Membership {
         let mut changed = false;
         match self.phase {
             Phase::Running => {
-                let lost: Vec<(u32, String, f64)> = self
+                let lost: Vec<(u32, String, String)> = self
                     .group
                     .iter()
                     .enumerate()
                     .filter_map(|(rank, id)| {
                         let entry = self.workers.get(id)?;
                         let silent = now.duration_since(entry.last_seen);
-                        (silent > timeout).then(|| (rank as u32, id.clone(), silent.as_secs_f64()))
+                        if silent > timeout {
+                            let why = format!("no heartbeat for {:.1}s", silent.as_secs_f64());
+                            return Some((rank as u32, id.clone(), why));
+                        }
+                        let cut_for = now.duration_since(entry.stream_cut_at?);
+                        (cut_for > timeout).then(|| {
+                            let why = format!(
+                                "its shard stream was cut and not resumed for {:.1}s",
+                                cut_for.as_secs_f64()
+                            );
+                            (rank as u32, id.clone(), why)
+                        })
                     })
                     .collect();
-                for (rank, id, silent) in &lost {
+                for (rank, id, why) in &lost {
                     self.workers.remove(id);
-                    self.event(format!(
-                        "worker {id} (rank {rank}) lost: no heartbeat for {silent:.1}s"
-                    ));
+                    self.event(format!("worker {id} (rank {rank}) lost: {why}"));
                 }
                 if let Some((rank, id, _)) = lost.first() {
                     self.start_regroup(format!("worker {id} (rank {rank}) lost"));
+                    changed = true;
+                } else if self.timed_checkpoint_due(now) {
+                    let minutes = schedule_minutes(&config);
+                    let reason = format!("checkpoint_every_minutes {minutes} elapsed");
+                    if let Err(status) = self.request_checkpoint(&reason) {
+                        warn!(status = %status.message(), "timed checkpoint not requested");
+                        self.last_checkpoint_at = now;
+                    }
                     changed = true;
                 }
             }
@@ -395,6 +458,130 @@ impl Membership {
         Ok(plan)
     }
 
+    /// Builds the current plan (from `resume_batch` at the job's step) and its checkpoint
+    /// schedule; any requested checkpoint belonged to the previous plan.
+    fn start_plan(&mut self) -> anyhow::Result<()> {
+        let plan = self.rebuild_plan()?;
+        let schedule = &self.config.schedule;
+        self.resume_step = self.state.step;
+        self.scheduled_checkpoints = Arc::new(scheduled_checkpoints(&CheckpointSchedule {
+            epoch_batches: plan.batches_per_rank(),
+            start_batch: self.resume_batch,
+            start_step: self.resume_step,
+            grad_accum: schedule.grad_accum,
+            checkpoint_every: schedule.checkpoint_every,
+            max_steps: schedule.max_steps,
+        }));
+        self.plan = Some(Arc::new(plan));
+        self.checkpoint_reports.clear();
+        self.requested_checkpoint = None;
+        self.last_checkpoint_at = Instant::now();
+        Ok(())
+    }
+
+    fn timed_checkpoint_due(&self, now: Instant) -> bool {
+        let Some(minutes) = self.config.schedule.checkpoint_every_minutes else {
+            return false;
+        };
+        self.phase == Phase::Running
+            && self.requested_checkpoint.is_none()
+            && now.duration_since(self.last_checkpoint_at).as_secs_f64() >= minutes * 60.0
+    }
+
+    /// Asks the running group to checkpoint at the first accumulation window's end that every
+    /// rank can still reach: ahead of the furthest rank by what it trains in two heartbeat
+    /// intervals (more on a retry), so each rank hears of it before it gets there. Repeated
+    /// calls while one is pending return the pending one.
+    pub fn request_checkpoint(&mut self, reason: &str) -> Result<RequestCheckpointReply, Status> {
+        if self.phase != Phase::Running {
+            return Err(Status::failed_precondition(format!(
+                "no running group to checkpoint: the job is {}",
+                self.phase.name()
+            )));
+        }
+        if let Some(requested) = &self.requested_checkpoint {
+            return Ok(requested.reply());
+        }
+        self.issue_checkpoint_request(reason.to_string(), 0)
+            .map(|requested| requested.reply())
+    }
+
+    fn issue_checkpoint_request(
+        &mut self,
+        reason: String,
+        attempt: u32,
+    ) -> Result<RequestedCheckpoint, Status> {
+        let plan = self
+            .plan
+            .clone()
+            .ok_or_else(|| Status::unavailable("no plan yet"))?;
+        let members: Vec<&WorkerEntry> = self
+            .group
+            .iter()
+            .filter_map(|id| self.workers.get(id))
+            .collect();
+        let furthest = members.iter().map(|w| w.batches_done).max().unwrap_or(0);
+        let bsz = f64::from(self.config.schedule.bsz.max(1));
+        let batches_per_second = members
+            .iter()
+            .map(|w| w.items_per_second / bsz)
+            .fold(0.0, f64::max);
+        let interval = self.config.cluster.heartbeat_interval_s;
+        let lead = (batches_per_second * interval * 2.0 * f64::from(attempt + 1)).ceil() as u64 + 1;
+        let total = plan.batches_per_rank();
+        let batch = window_end_at_or_after(
+            furthest.saturating_add(lead).min(total),
+            total,
+            self.config.schedule.grad_accum,
+        );
+        let requested = RequestedCheckpoint {
+            generation: self.state.generation,
+            epoch: self.state.epoch,
+            segment: self.state.segments.last().map_or(0, |s| s.segment),
+            batch,
+            reason,
+            attempt,
+        };
+        self.event(format!(
+            "checkpoint requested at batch {batch} of epoch {} (ranks at batch {furthest} or less): {}",
+            requested.epoch, requested.reason
+        ));
+        self.requested_checkpoint = Some(requested.clone());
+        Ok(requested)
+    }
+
+    /// The heartbeat command a rank at `batches_done` gets for the requested checkpoint, and
+    /// re-asks further ahead when the rank already passed its batch without writing it.
+    fn requested_checkpoint_command(&mut self, rank: u32, batches_done: u64) -> Option<u64> {
+        let requested = self.requested_checkpoint.clone()?;
+        if batches_done < requested.batch {
+            return Some(requested.batch);
+        }
+        let key = (requested.epoch, requested.segment, requested.batch);
+        let reported = self
+            .checkpoint_reports
+            .get(&key)
+            .is_some_and(|ranks| ranks.contains(&rank));
+        if batches_done == requested.batch || reported {
+            return None;
+        }
+        self.requested_checkpoint = None;
+        let missed = format!(
+            "rank {rank} passed the requested checkpoint at batch {} (it is at {batches_done})",
+            requested.batch
+        );
+        if requested.attempt + 1 >= CHECKPOINT_REQUEST_ATTEMPTS {
+            self.event(format!("{missed}; giving the request up"));
+            self.last_checkpoint_at = Instant::now();
+            return None;
+        }
+        self.event(format!("{missed}; asking again further ahead"));
+        let retried = self
+            .issue_checkpoint_request(requested.reason, requested.attempt + 1)
+            .ok()?;
+        (batches_done < retried.batch).then_some(retried.batch)
+    }
+
     fn form_group(&mut self) -> anyhow::Result<()> {
         let mut waiting: Vec<(String, String, u32)> = self
             .workers
@@ -444,8 +631,7 @@ impl Membership {
                 }
             }
         }
-        self.plan = Some(Arc::new(self.rebuild_plan()?));
-        self.checkpoint_reports.clear();
+        self.start_plan()?;
         self.group = waiting.iter().map(|(_, id, _)| id.clone()).collect();
         for (rank, (_, id, _)) in waiting.iter().enumerate() {
             if let Some(entry) = self.workers.get_mut(id) {
@@ -560,11 +746,26 @@ impl Membership {
         if self.phase == Phase::Forming {
             return Ok(reply(Command::Regroup, "the group is re-forming"));
         }
+        if same_epoch {
+            if let Some(batch) =
+                self.requested_checkpoint_command(request.rank, request.batches_done)
+            {
+                let reason = self
+                    .requested_checkpoint
+                    .as_ref()
+                    .map_or(String::new(), |requested| requested.reason.clone());
+                return Ok(HeartbeatReply {
+                    command: Command::Checkpoint as i32,
+                    checkpoint_batch: batch,
+                    reason,
+                });
+            }
+        }
         Ok(reply(Command::Continue, ""))
     }
 
     pub fn shard_source(
-        &self,
+        &mut self,
         worker_id: &str,
         generation: u64,
         rank: u32,
@@ -588,11 +789,33 @@ impl Membership {
             .plan
             .clone()
             .ok_or_else(|| Status::unavailable("no plan yet"))?;
+        let mut stream = 0;
+        if let Some(entry) = self.workers.get_mut(worker_id) {
+            entry.shard_stream += 1;
+            entry.stream_cut_at = None;
+            stream = entry.shard_stream;
+        }
         Ok(Some(ShardSource {
             plan,
             segment: self.state.segments.last().map_or(0, |s| s.segment),
             start_batch: self.resume_batch,
+            checkpoint_batches: self.scheduled_checkpoints.clone(),
+            stream,
         }))
+    }
+
+    /// Records that a worker's Shard stream number `stream` of `generation` was cut before its
+    /// end; unless the worker asks for the rest within the heartbeat timeout it is lost. A cut
+    /// noticed after the worker already opened a newer stream is ignored.
+    pub fn shard_stream_cut(&mut self, worker_id: &str, generation: u64, stream: u64) {
+        if generation != self.state.generation {
+            return;
+        }
+        if let Some(entry) = self.workers.get_mut(worker_id) {
+            if entry.shard_stream == stream {
+                entry.stream_cut_at.get_or_insert_with(Instant::now);
+            }
+        }
     }
 
     pub fn checkpoint_done(&mut self, request: &CheckpointDoneRequest) -> Result<bool, Status> {
@@ -656,6 +879,14 @@ impl Membership {
         }
         self.state.step = self.state.step.max(request.step);
         self.state.last_checkpoint = Some(record);
+        self.last_checkpoint_at = Instant::now();
+        if self
+            .requested_checkpoint
+            .as_ref()
+            .is_some_and(|requested| request.batch >= requested.batch)
+        {
+            self.requested_checkpoint = None;
+        }
         self.event(format!(
             "checkpoint complete: {path} (epoch {} batch {})",
             request.epoch, request.batch
@@ -672,8 +903,7 @@ impl Membership {
             }];
             self.resume_batch = 0;
             self.ledger = EpochLedger::open(self.run_store.clone(), self.state.epoch)?;
-            self.checkpoint_reports.clear();
-            self.plan = Some(Arc::new(self.rebuild_plan()?));
+            self.start_plan()?;
         }
         let schedule = &self.config.schedule;
         let steps_done = schedule.max_steps.is_some_and(|max| self.state.step >= max);
@@ -738,8 +968,27 @@ impl Membership {
                 Phase::Failed(reason) => reason.clone(),
                 _ => String::new(),
             },
+            pending_checkpoint_batch: self
+                .requested_checkpoint
+                .as_ref()
+                .map_or(0, |requested| requested.batch),
         }
     }
+}
+
+impl RequestedCheckpoint {
+    fn reply(&self) -> RequestCheckpointReply {
+        RequestCheckpointReply {
+            generation: self.generation,
+            epoch: self.epoch,
+            segment: self.segment,
+            batch: self.batch,
+        }
+    }
+}
+
+fn schedule_minutes(config: &JobConfig) -> f64 {
+    config.schedule.checkpoint_every_minutes.unwrap_or_default()
 }
 
 fn reply(command: Command, reason: &str) -> HeartbeatReply {

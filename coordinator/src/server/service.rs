@@ -7,7 +7,8 @@ use std::time::Duration;
 use arbor_proto::v1::coordinator_server::Coordinator;
 use arbor_proto::v1::{
     CheckpointDoneReply, CheckpointDoneRequest, HeartbeatReply, HeartbeatRequest, JoinReply,
-    JoinRequest, ShardChunk, ShardHeader, ShardItem, ShardRequest, StatusReply, StatusRequest,
+    JoinRequest, RequestCheckpointReply, RequestCheckpointRequest, ShardChunk, ShardHeader,
+    ShardItem, ShardRequest, StatusReply, StatusRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -165,12 +166,16 @@ impl Coordinator for CoordinatorService {
             bsz: source.plan.params().bsz,
             start_batch: source.start_batch,
             seed: source.plan.params().seed,
+            checkpoint_batches: source.checkpoint_batches.to_vec(),
         };
         let (sender, receiver) = mpsc::channel(8);
         let dataset = self.shared.dataset.clone();
         let metrics = self.shared.metrics.clone();
         let rank = request.rank;
         let start_index = request.start_index;
+        let shared = self.shared.clone();
+        let (worker_id, generation, stream) =
+            (request.worker_id, request.generation, source.stream);
         tokio::task::spawn_blocking(move || {
             let plan = source.plan;
             let world_size = u64::from(plan.params().world_size);
@@ -200,6 +205,9 @@ impl Coordinator for CoordinatorService {
                 };
                 if sender.blocking_send(Ok(chunk)).is_err() {
                     warn!(rank, index, "shard stream closed by the worker");
+                    shared
+                        .lock()
+                        .shard_stream_cut(&worker_id, generation, stream);
                     return;
                 }
                 metrics.shard_items_streamed.inc_by(count);
@@ -220,6 +228,27 @@ impl Coordinator for CoordinatorService {
         let complete = self.shared.lock().checkpoint_done(&request)?;
         self.shared.notify();
         Ok(Response::new(CheckpointDoneReply { complete }))
+    }
+
+    async fn request_checkpoint(
+        &self,
+        request: Request<RequestCheckpointRequest>,
+    ) -> Result<Response<RequestCheckpointReply>, Status> {
+        let request = request.into_inner();
+        if request.reason.len() > 1024 {
+            self.shared.metrics.refuse("malformed");
+            return Err(Status::invalid_argument(
+                "request_checkpoint: reason is longer than 1024 bytes",
+            ));
+        }
+        let reason = if request.reason.is_empty() {
+            "asked for by `arbor checkpoint`".to_string()
+        } else {
+            request.reason
+        };
+        let reply = self.shared.lock().request_checkpoint(&reason)?;
+        self.shared.notify();
+        Ok(Response::new(reply))
     }
 
     async fn status(

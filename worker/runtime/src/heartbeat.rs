@@ -18,6 +18,15 @@ pub enum Control {
     Stop(String),
 }
 
+/// A checkpoint the coordinator asked for: when `batch` batches of the plan of (`epoch`,
+/// `segment`) are done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestedCheckpoint {
+    pub epoch: u64,
+    pub segment: u64,
+    pub batch: u64,
+}
+
 /// Progress of this rank, shared by the batch loop and the heartbeat task.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -34,6 +43,8 @@ pub struct Progress {
     /// A failure to report (a collective error), sent once.
     pub error: String,
     pub control: Option<Control>,
+    /// The latest checkpoint the coordinator asked for (COMMAND_CHECKPOINT).
+    pub requested_checkpoint: Option<RequestedCheckpoint>,
 }
 
 pub type SharedProgress = Arc<Mutex<Progress>>;
@@ -66,6 +77,7 @@ pub async fn send_heartbeat(client: &Client, worker_id: &str, progress: &SharedP
         (request, sent)
     };
     let error_sent = request.error.clone();
+    let (epoch_sent, segment_sent) = (request.epoch, request.segment);
     match client.clone().heartbeat(request).await {
         Ok(reply) => {
             let reply = reply.into_inner();
@@ -79,7 +91,18 @@ pub async fn send_heartbeat(client: &Client, worker_id: &str, progress: &SharedP
                     state.control = Some(Control::Regroup(reply.reason));
                 }
                 Command::Stop => state.control = Some(Control::Stop(reply.reason)),
-                Command::Continue | Command::Checkpoint | Command::Unspecified => {}
+                Command::Checkpoint => {
+                    let requested = RequestedCheckpoint {
+                        epoch: epoch_sent,
+                        segment: segment_sent,
+                        batch: reply.checkpoint_batch,
+                    };
+                    if state.requested_checkpoint != Some(requested) {
+                        info!(batch = requested.batch, reason = %reply.reason, "coordinator asks for a checkpoint");
+                    }
+                    state.requested_checkpoint = Some(requested);
+                }
+                Command::Continue | Command::Unspecified => {}
             }
         }
         Err(status) => {

@@ -222,21 +222,21 @@ async fn fetch_shard(
         .await;
         match outcome {
             Ok(()) => {
-                let Some(header) = header else {
+                let Some(shard_len) = header.as_ref().map(|h| h.shard_len) else {
                     return Err(tonic::Status::data_loss(
                         "shard stream ended without a header",
                     ));
                 };
-                if items.len() as u64 == header.shard_len {
+                if items.len() as u64 == shard_len {
                     return Ok(Shard {
-                        header,
+                        header: header.expect("checked above"),
                         items,
                         buckets,
                     });
                 }
                 warn!(
                     received = items.len(),
-                    expected = header.shard_len,
+                    expected = shard_len,
                     "shard stream ended early; resuming"
                 );
             }
@@ -399,6 +399,7 @@ fn train_epochs(
             state.epoch = epoch;
             state.segment = header.segment;
             state.batches_done = header.start_batch;
+            state.requested_checkpoint = None;
         }
         if total == 0 {
             checkpoint(
@@ -475,10 +476,21 @@ fn train_epochs(
                 });
             }
             let steps_exhausted = schedule.max_steps.is_some_and(|max| step >= max);
-            // `checkpoint_every` counts optimizer steps; the epoch's last batch always closes a
-            // window and checkpoints, so a resume starts on a window boundary.
+            // The coordinator decides: the plan's schedule (`checkpoint_every` optimizer steps,
+            // max_steps, the epoch's end) came with the shard, and checkpoints it asks for
+            // later come with heartbeats. Both are window ends, so a resume starts on one.
+            let requested = lock(progress).requested_checkpoint.filter(|requested| {
+                requested.epoch == epoch && requested.segment == header.segment
+            });
+            let requested_now = requested.is_some_and(|requested| requested.batch == done);
+            if requested_now && !window_closed {
+                warn!(
+                    batch = done,
+                    "the requested checkpoint is not at a window's end; skipped"
+                );
+            }
             let checkpoint_due = window_closed
-                && (step % schedule.checkpoint_every == 0 || done == total || steps_exhausted);
+                && (header.checkpoint_batches.binary_search(&done).is_ok() || requested_now);
             if checkpoint_due {
                 if let Some(end) = checkpoint(
                     runtime, client, worker_id, reply, &header, trainer, progress, epoch, done,

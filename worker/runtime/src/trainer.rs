@@ -1,5 +1,6 @@
 //! The interface between the runtime and what trains (or, in a dry run, only loads) a batch.
 
+pub use arbor_common::accumulation::{accumulation_window_len, closes_accumulation_window};
 use arbor_common::buckets::Bucket;
 use arbor_common::config::JobConfig;
 use arbor_common::sampler::BatchBucket;
@@ -43,23 +44,6 @@ impl Batch {
     }
 }
 
-/// Whether batch `index` of an epoch of `epoch_batches` batches closes its accumulation window
-/// of `grad_accum` micro-batches (windows start at batch 0; the epoch's last batch closes the
-/// last window, full or not).
-pub fn closes_accumulation_window(index: u64, epoch_batches: u64, grad_accum: u32) -> bool {
-    let grad_accum = u64::from(grad_accum.max(1));
-    (index + 1) % grad_accum == 0 || index + 1 >= epoch_batches
-}
-
-/// The length of the accumulation window that batch `index` belongs to.
-pub fn accumulation_window_len(index: u64, epoch_batches: u64, grad_accum: u32) -> u64 {
-    let grad_accum = u64::from(grad_accum.max(1));
-    let window_start = index - index % grad_accum;
-    grad_accum
-        .min(epoch_batches.saturating_sub(window_start))
-        .max(1)
-}
-
 /// The group this process belongs to, as the coordinator formed it.
 #[derive(Debug, Clone)]
 pub struct GroupInfo {
@@ -95,27 +79,5 @@ pub trait Trainer: Send {
     /// Called once when the job ends.
     fn finish(&mut self) -> Result<(), String> {
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn windows_close_every_grad_accum_batches_and_at_the_epoch_end() {
-        let closing: Vec<u64> = (0..7)
-            .filter(|&index| closes_accumulation_window(index, 7, 3))
-            .collect();
-        assert_eq!(closing, [2, 5, 6]);
-        let lengths: Vec<u64> = (0..7)
-            .map(|index| accumulation_window_len(index, 7, 3))
-            .collect();
-        assert_eq!(lengths, [3, 3, 3, 3, 3, 3, 1]);
-        // grad_accum 1 (or 0, read as 1) closes after every batch.
-        assert!((0..4).all(|index| closes_accumulation_window(index, 4, 1)));
-        assert!((0..4).all(|index| closes_accumulation_window(index, 4, 0)));
-        assert_eq!(accumulation_window_len(5, 6, 4), 2);
-        assert_eq!(accumulation_window_len(3, 6, 4), 4);
     }
 }
