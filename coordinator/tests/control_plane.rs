@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use arbor_proto::v1::{HeartbeatRequest, JoinRequest, ShardRequest, StatusRequest};
-use support::{Job, JobSpec, TOKEN};
+use support::{assert_nothing_twice_nothing_lost, Job, JobSpec, TOKEN};
 
 fn assert_exactly_once(job: &Job, epoch: u64, global_batch: usize) {
     let trained = job.trained_items(epoch);
@@ -100,26 +100,6 @@ fn unreadable_images_are_reported_and_the_dry_run_still_finishes() {
     assert!(
         log.contains("failed=300"),
         "every 1-byte file is counted: {log}"
-    );
-}
-
-/// Checks that no standing item repeats within the epoch and that what is missing is only what
-/// trims can explain (at most one global batch per plan).
-fn assert_nothing_twice_nothing_lost(
-    job: &Job,
-    epoch: u64,
-    plans: usize,
-    largest_global_batch: usize,
-) {
-    let trained = job.trained_items(epoch);
-    for (&id, &count) in &trained {
-        assert_eq!(count, 1, "epoch {epoch}: item {id} trained {count} times");
-    }
-    let kept = job.kept_ids().len();
-    let missing = kept - trained.len();
-    assert!(
-        missing < plans * largest_global_batch,
-        "epoch {epoch}: {missing} kept items never trained with {plans} plan(s)"
     );
 }
 

@@ -352,3 +352,23 @@ pub fn wait_exit(child: &mut Child, limit: Duration, what: &str) {
         panic!("{what} still running after {limit:?}");
     }
 }
+
+/// Checks that no standing item repeats within the epoch and that what is missing is only what
+/// trims can explain (at most one global batch per plan).
+pub fn assert_nothing_twice_nothing_lost(
+    job: &Job,
+    epoch: u64,
+    plans: usize,
+    largest_global_batch: usize,
+) {
+    let trained = job.trained_items(epoch);
+    for (&id, &count) in &trained {
+        assert_eq!(count, 1, "epoch {epoch}: item {id} trained {count} times");
+    }
+    let kept = job.kept_ids().len();
+    let missing = kept - trained.len();
+    assert!(
+        missing < plans * largest_global_batch,
+        "epoch {epoch}: {missing} kept items never trained with {plans} plan(s)"
+    );
+}
