@@ -354,7 +354,7 @@ impl RankRun {
         let clip = started.elapsed().as_secs_f64() * 1000.0;
         let started = Instant::now();
         self.optimizer.step(LEARNING_RATE)?;
-        self.optimizer.zero_grad();
+        self.optimizer.zero_grad()?;
         self.synchronize();
         let adamw = started.elapsed().as_secs_f64() * 1000.0;
         self.micro_step += 1;

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use arbor_worker::ddpm::DdpmSchedule;
+use arbor_worker::train::adamw::AdamW;
 use arbor_worker::train_step::{adamw, optimizer_step, DiffusionBatch};
 use arbor_worker::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use tch::{nn, Device, Kind, Tensor};
@@ -21,6 +22,9 @@ use tch::{nn, Device, Kind, Tensor};
 #[path = "support/bench_unet.rs"]
 mod bench_unet;
 use bench_unet::{json_f64, json_times, run_json_command, summarize, unet_config_json};
+
+/// The learning rate of both sides (train_step.py's default `--lr`).
+const LEARNING_RATE: f64 = 1e-4;
 
 struct Options {
     steps: usize,
@@ -81,7 +85,7 @@ struct ArborRun {
     var_store: nn::VarStore,
     unet: UNet2DConditionModel,
     schedule: DdpmSchedule,
-    optimizer: nn::Optimizer,
+    optimizer: AdamW,
     latents: Tensor,
     noise: Tensor,
     context: Tensor,
@@ -95,7 +99,7 @@ impl ArborRun {
         let config = UNet2DConditionConfig::from_diffusers_value(config_value, Path::new("bench"))?;
         let var_store = nn::VarStore::new(Device::Cpu);
         let unet = UNet2DConditionModel::new(var_store.root(), &config);
-        let optimizer = adamw(&var_store, 1e-4, 0.01)?;
+        let optimizer = adamw(&var_store, 0.01);
         let kind = (Kind::Float, Device::Cpu);
         let shape = [options.batch, 4, options.size, options.size];
         Ok(Self {
@@ -126,6 +130,7 @@ impl ArborRun {
         };
         Ok(optimizer_step(
             &mut self.optimizer,
+            LEARNING_RATE,
             &self.unet,
             &self.schedule,
             &batch,
@@ -221,7 +226,7 @@ fn main() -> Result<()> {
     );
     for (name, timing) in [
         (format!("pytorch eager, AdamW {adamw_kind}"), &pytorch),
-        ("arbor (tch), AdamW C++".to_string(), &arbor_timing),
+        ("arbor (tch), AdamW fused".to_string(), &arbor_timing),
     ] {
         println!(
             "{name:<40} {:>10.1} {:>10.1} {:>10.1} {:>10.4}",

@@ -1,4 +1,4 @@
-//! Compiles the C++ shim (shim/arbor_c10d.cpp) against the headers of the libtorch that tch links
+//! Compiles the C++ shim (shim/arbor_c10d.cpp, shim/arbor_aten.cpp) against the headers of the libtorch that tch links
 //! (DESIGN §5, §8) and links it with libtorch's own libraries. The Gloo headers come from Debian's
 //! `libgloo-dev` (headers only; Gloo itself is inside libtorch_cpu). With the `nccl` feature the
 //! shim also compiles ProcessGroupNCCL against the CUDA and NCCL headers of the nvidia wheels.
@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 fn main() {
     println!("cargo:rerun-if-changed=shim/arbor_c10d.cpp");
     println!("cargo:rerun-if-changed=shim/arbor_c10d.h");
+    println!("cargo:rerun-if-changed=shim/arbor_aten.cpp");
+    println!("cargo:rerun-if-changed=shim/arbor_aten.h");
+    println!("cargo:rerun-if-changed=shim/guarded.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=ARBOR_GLOO_INCLUDE_DIR");
     println!("cargo:rerun-if-env-changed=ARBOR_CUDA_INCLUDE_DIRS");
@@ -35,6 +38,7 @@ fn main() {
     build
         .cpp(true)
         .file("shim/arbor_c10d.cpp")
+        .file("shim/arbor_aten.cpp")
         .include(&include_dir)
         .include(&api_include_dir)
         .flag("-std=c++20")

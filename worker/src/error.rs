@@ -58,6 +58,9 @@ pub enum WorkerError {
     },
     #[error("collective: {0}")]
     Collective(#[from] arbor_c10d::C10dError),
+    /// An ATen operator of the shim (`arbor_c10d::aten_ops`) failed.
+    #[error("{0}")]
+    AtenOp(arbor_c10d::C10dError),
     #[error("data: {0}")]
     Data(#[from] arbor_data::DataError),
     #[error("training: {0}")]

@@ -7,6 +7,7 @@ use tch::{nn, Reduction, Tensor};
 use crate::attention::KvContextTransform;
 use crate::ddpm::DdpmSchedule;
 use crate::error::{Result, WorkerError};
+use crate::train::adamw::{AdamW, AdamWConfig};
 use crate::unet_2d::UNet2DConditionModel;
 
 /// The inputs of one step: latents (already scaled by the VAE's factor), the noise, one
@@ -106,36 +107,38 @@ pub fn loss_and_gradients(
     })
 }
 
-/// AdamW with PyTorch's defaults (betas 0.9/0.999, eps 1e-8) and the given weight decay.
-pub fn adamw(
-    var_store: &nn::VarStore,
-    learning_rate: f64,
-    weight_decay: f64,
-) -> Result<nn::Optimizer> {
-    use tch::nn::OptimizerConfig;
-    nn::AdamW {
-        beta1: 0.9,
-        beta2: 0.999,
-        wd: weight_decay,
-        eps: 1e-8,
-        amsgrad: false,
-    }
-    .build(var_store, learning_rate)
-    .map_err(WorkerError::torch("building the adamw optimizer"))
+/// arbor's AdamW ([`crate::train::adamw`], torch's fused kernel) over every trainable variable
+/// of `var_store`, with PyTorch's defaults (betas 0.9/0.999, eps 1e-8) and the given weight decay.
+pub fn adamw(var_store: &nn::VarStore, weight_decay: f64) -> AdamW {
+    let mut parameters: Vec<(String, Tensor)> = var_store
+        .variables()
+        .into_iter()
+        .filter(|(_, variable)| variable.requires_grad())
+        .collect();
+    parameters.sort_by(|left, right| left.0.cmp(&right.0));
+    AdamW::new(
+        parameters,
+        AdamWConfig {
+            weight_decay,
+            ..AdamWConfig::default()
+        },
+    )
 }
 
-/// One full step: zero the gradients, forward, backward, optimizer step. Returns the loss.
+/// One full step: reset the gradients, forward, backward, optimizer step at `learning_rate`.
+/// Returns the loss.
 pub fn optimizer_step(
-    optimizer: &mut nn::Optimizer,
+    optimizer: &mut AdamW,
+    learning_rate: f64,
     unet: &UNet2DConditionModel,
     schedule: &DdpmSchedule,
     batch: &DiffusionBatch,
     kv_transform: Option<&dyn KvContextTransform>,
 ) -> Result<f64> {
-    optimizer.zero_grad();
+    optimizer.zero_grad()?;
     let DiffusionLoss { loss, .. } = diffusion_loss(unet, schedule, batch, kv_transform)?;
     loss.f_backward()
         .map_err(WorkerError::torch("backpropagating the diffusion loss"))?;
-    optimizer.step();
+    optimizer.step(learning_rate)?;
     Ok(loss.double_value(&[]))
 }

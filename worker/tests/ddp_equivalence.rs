@@ -108,7 +108,7 @@ fn train(mut group: Option<&mut ProcessGroup>, layout: Layout) -> Result<Outcome
     let first_gradients = gradients(&parameters);
 
     let mut optimizer = AdamW::new(shallow_clones(&parameters), comparable_adamw());
-    optimizer.zero_grad();
+    optimizer.zero_grad()?;
     let mut ema = Ema::new(&parameters, 0.9);
     let mut reports = Vec::new();
     for step in 0..STEPS {

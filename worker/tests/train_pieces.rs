@@ -131,12 +131,17 @@ const ADAMW_TOLERANCE: f64 = 1e-6;
 // ---------------------------------------------------------------------------------------------
 // AdamW
 
-fn adamw_config(case: &Value) -> AdamWConfig {
+/// Both kernels are checked against the same torch goldens (torch's single-tensor path): the
+/// fused one differs from it only in rounding.
+const KERNELS: [(&str, bool); 2] = [("single-tensor", false), ("fused", true)];
+
+fn adamw_config(case: &Value, fused: bool) -> AdamWConfig {
     AdamWConfig {
         beta1: case["beta1"].as_f64().unwrap(),
         beta2: case["beta2"].as_f64().unwrap(),
         eps: case["eps"].as_f64().unwrap(),
         weight_decay: case["weight_decay"].as_f64().unwrap(),
+        fused,
     }
 }
 
@@ -155,7 +160,7 @@ fn run_adamw_steps(
         .map(|lr| lr.as_f64().unwrap())
         .collect();
     for step in steps {
-        optimizer.zero_grad();
+        optimizer.zero_grad().unwrap();
         let parameters: Vec<(String, Tensor)> = optimizer
             .parameters()
             .iter()
@@ -173,7 +178,8 @@ fn run_adamw_steps(
         optimizer.step(lrs[step]).unwrap();
         let state: HashMap<String, Tensor> = optimizer.state_tensors().into_iter().collect();
         for (name, parameter) in &parameters {
-            let label = format!("{case_name} step {step} `{name}`");
+            let fused = optimizer.config().fused;
+            let label = format!("{case_name} (fused {fused}) step {step} `{name}`");
             assert_close(
                 parameter,
                 get(goldens, &format!("{case_name}.after.{step}.{name}")),
@@ -202,6 +208,7 @@ fn adamw_for_case(
     goldens: &HashMap<String, Tensor>,
     case_name: &str,
     case: &Value,
+    fused: bool,
 ) -> (AdamW, Vec<String>) {
     let names: Vec<String> = case["names"]
         .as_array()
@@ -218,7 +225,7 @@ fn adamw_for_case(
             )
         })
         .collect();
-    (AdamW::new(parameters, adamw_config(case)), names)
+    (AdamW::new(parameters, adamw_config(case, fused)), names)
 }
 
 #[test]
@@ -228,9 +235,11 @@ fn adamw_matches_torch_over_five_steps_with_varied_decay_and_rates() {
     let cases = cases.as_object().unwrap();
     assert!(cases.len() >= 4);
     for (case_name, case) in cases {
-        let (mut optimizer, _) = adamw_for_case(&goldens, case_name, case);
-        run_adamw_steps(&mut optimizer, &goldens, case_name, case, 0..5);
-        assert_eq!(optimizer.step_count(), 5);
+        for (_, fused) in KERNELS {
+            let (mut optimizer, _) = adamw_for_case(&goldens, case_name, case, fused);
+            run_adamw_steps(&mut optimizer, &goldens, case_name, case, 0..5);
+            assert_eq!(optimizer.step_count(), 5);
+        }
     }
 }
 
@@ -239,24 +248,33 @@ fn adamw_skips_a_parameter_without_gradient_and_its_step_count_lags_like_torch()
     let goldens = tensors("adamw.safetensors");
     let cases = json("adamw.json");
     let case = &cases["skipped_parameter"];
-    let (mut optimizer, _) = adamw_for_case(&goldens, "skipped_parameter", case);
-    run_adamw_steps(&mut optimizer, &goldens, "skipped_parameter", case, 0..2);
-    let initial_bias = get(&goldens, "skipped_parameter.init.bias");
-    let bias = &optimizer.parameters()[1];
-    assert_eq!(bias.0, "bias");
-    assert_eq!(relative_error(&bias.1, initial_bias, "bias"), 0.0);
-    let state: HashMap<String, Tensor> = optimizer.state_tensors().into_iter().collect();
-    assert_eq!(get(&state, "bias.step").int64_value(&[]), 0);
-    assert!(!state.contains_key("weight.step"));
+    for (kernel, fused) in KERNELS {
+        let (mut optimizer, _) = adamw_for_case(&goldens, "skipped_parameter", case, fused);
+        run_adamw_steps(&mut optimizer, &goldens, "skipped_parameter", case, 0..2);
+        let initial_bias = get(&goldens, "skipped_parameter.init.bias");
+        let bias = &optimizer.parameters()[1];
+        assert_eq!(bias.0, "bias");
+        assert_eq!(
+            relative_error(&bias.1, initial_bias, "bias"),
+            0.0,
+            "{kernel}"
+        );
+        let state: HashMap<String, Tensor> = optimizer.state_tensors().into_iter().collect();
+        assert_eq!(get(&state, "bias.step").int64_value(&[]), 0, "{kernel}");
+        assert!(!state.contains_key("weight.step"), "{kernel}");
+    }
 }
 
 #[test]
 fn adamw_resumed_from_its_state_continues_exactly() {
     let goldens = tensors("adamw.safetensors");
     let cases = json("adamw.json");
-    for case_name in ["defaults", "skipped_parameter"] {
+    for (case_name, (_, fused)) in ["defaults", "skipped_parameter"]
+        .into_iter()
+        .flat_map(|case_name| KERNELS.map(|kernel| (case_name, kernel)))
+    {
         let case = &cases[case_name];
-        let (mut optimizer, names) = adamw_for_case(&goldens, case_name, case);
+        let (mut optimizer, names) = adamw_for_case(&goldens, case_name, case, fused);
         run_adamw_steps(&mut optimizer, &goldens, case_name, case, 0..3);
         let saved: HashMap<String, Tensor> = optimizer.state_tensors().into_iter().collect();
         let parameters: Vec<(String, Tensor)> = names
@@ -265,7 +283,7 @@ fn adamw_resumed_from_its_state_continues_exactly() {
             .map(|(name, (_, tensor))| (name.clone(), leaf(tensor)))
             .collect();
         drop(optimizer);
-        let mut resumed = AdamW::new(parameters, adamw_config(case));
+        let mut resumed = AdamW::new(parameters, adamw_config(case, fused));
         resumed.load_state(&saved, 3).unwrap();
         assert_eq!(resumed.step_count(), 3);
         run_adamw_steps(&mut resumed, &goldens, case_name, case, 3..5);
@@ -276,7 +294,7 @@ fn adamw_resumed_from_its_state_continues_exactly() {
 fn adamw_load_state_names_a_missing_or_misshapen_tensor_and_changes_nothing() {
     let goldens = tensors("adamw.safetensors");
     let cases = json("adamw.json");
-    let (mut optimizer, _) = adamw_for_case(&goldens, "defaults", &cases["defaults"]);
+    let (mut optimizer, _) = adamw_for_case(&goldens, "defaults", &cases["defaults"], true);
     let mut state: HashMap<String, Tensor> = optimizer.state_tensors().into_iter().collect();
     state.remove("conv.exp_avg_sq");
     let error = optimizer.load_state(&state, 9).unwrap_err().to_string();

@@ -2,6 +2,7 @@
 // into an error string; nothing unwinds into Rust.
 
 #include "arbor_c10d.h"
+#include "guarded.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -33,36 +34,6 @@ struct arbor_c10d_group {
 };
 
 namespace {
-
-void set_error(char** error_out, const std::string& message) {
-  if (error_out == nullptr) {
-    return;
-  }
-  char* copy = static_cast<char*>(std::malloc(message.size() + 1));
-  if (copy == nullptr) {
-    *error_out = nullptr;
-    return;
-  }
-  std::memcpy(copy, message.data(), message.size());
-  copy[message.size()] = '\0';
-  *error_out = copy;
-}
-
-// Runs `body`, turning any exception into an error message. Returns false on an exception.
-template <typename Body>
-bool guarded(char** error_out, Body&& body) {
-  try {
-    body();
-    return true;
-  } catch (const c10::Error& error) {
-    set_error(error_out, error.what_without_backtrace());
-  } catch (const std::exception& error) {
-    set_error(error_out, error.what());
-  } catch (...) {
-    set_error(error_out, "unknown C++ exception");
-  }
-  return false;
-}
 
 bool is_loopback(const std::string& host) {
   return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";

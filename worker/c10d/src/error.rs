@@ -42,6 +42,12 @@ pub enum C10dError {
         timeout: Duration,
         message: String,
     },
+    #[error("{operation} of {tensor_count} tensors: {message}")]
+    AtenOp {
+        operation: &'static str,
+        tensor_count: usize,
+        message: String,
+    },
     #[error("gradient averaging: parameter {parameter_index} has no gradient (call backward first; every rank must produce every gradient)")]
     MissingGradient { parameter_index: usize },
     #[error("gradient averaging: parameter {parameter_index} has {reason}, but the buckets were planned for {expected}")]

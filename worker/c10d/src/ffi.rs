@@ -1,4 +1,4 @@
-//! Declarations of the C API in shim/arbor_c10d.h (compiled by build.rs).
+//! Declarations of the C API in shim/arbor_c10d.h and shim/arbor_aten.h (compiled by build.rs).
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -45,6 +45,25 @@ extern "C" {
         count: usize,
         reduction: c_int,
         timeout_ms: i64,
+        error_out: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn arbor_aten_fused_adamw(
+        parameters: *const *mut c_void,
+        gradients: *const *mut c_void,
+        exp_avgs: *const *mut c_void,
+        exp_avg_sqs: *const *mut c_void,
+        steps: *const *mut c_void,
+        count: usize,
+        learning_rate: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        error_out: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn arbor_aten_reset_grads(
+        tensors: *const *mut c_void,
+        count: usize,
         error_out: *mut *mut c_char,
     ) -> c_int;
     pub(crate) fn arbor_c10d_barrier(

@@ -1,5 +1,8 @@
-//! AdamW, operation for operation as `torch.optim.AdamW` (single-tensor path: `foreach=False`,
-//! `amsgrad=False`, `maximize=False`, `capturable=False`).
+//! AdamW as `torch.optim.AdamW` (`amsgrad=False`, `maximize=False`, `capturable=False`), with
+//! torch's fused kernel (`fused=True`, the default here: one kernel per parameter through
+//! [`arbor_c10d::aten_ops::fused_adamw`]) or operation for operation as its single-tensor path
+//! (`foreach=False`, [`AdamWConfig::fused`] false). Both compute the same update; they differ
+//! only in floating-point rounding.
 //!
 //! Per parameter with a defined gradient `g`, at its own step count `t` (after incrementing):
 //!
@@ -12,10 +15,9 @@
 //! ```
 //!
 //! Parameters whose gradient is undefined are skipped and their step count does not advance,
-//! like torch. The moments live on the parameter's device in its kind. Note that tch cannot
-//! reset a gradient to `None`: [`AdamW::zero_grad`] zeroes it (torch's `set_to_none=False`), so
-//! a parameter that took no part in a backward pass after a `zero_grad` is stepped with a zero
-//! gradient (its weight decay and momentum still apply), as torch would with `set_to_none=False`.
+//! like torch. The moments live on the parameter's device in its kind. [`AdamW::zero_grad`]
+//! resets every gradient to undefined (torch's default `set_to_none=True`), so a parameter that
+//! takes no part in the next backward pass is skipped by the next step.
 //!
 //! Checkpoint state ([`AdamW::state_tensors`]) is `<param>.exp_avg` and `<param>.exp_avg_sq`;
 //! a parameter whose own step count differs from the optimizer's (it skipped steps) also gets a
@@ -23,6 +25,9 @@
 
 use std::collections::HashMap;
 
+use arbor_c10d::aten_ops::{
+    fused_adamw, reset_grads, FusedAdamWHyperParameters, FusedAdamWTensors,
+};
 use tch::{Kind, Tensor};
 
 use crate::error::{Result, WorkerError};
@@ -34,6 +39,8 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// torch's fused kernel (`fused=True`); false runs the single-tensor path op by op.
+    pub fused: bool,
 }
 
 impl Default for AdamWConfig {
@@ -43,6 +50,7 @@ impl Default for AdamWConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.01,
+            fused: true,
         }
     }
 }
@@ -52,6 +60,20 @@ struct ParameterState {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: u64,
+    /// `step` as the float32 scalar the fused kernel reads (and increments).
+    step_tensor: Tensor,
+}
+
+impl ParameterState {
+    fn new(exp_avg: Tensor, exp_avg_sq: Tensor, step: u64) -> Self {
+        let step_tensor = Tensor::from(step as f32);
+        Self {
+            exp_avg,
+            exp_avg_sq,
+            step,
+            step_tensor,
+        }
+    }
 }
 
 /// The optimizer: the parameters it updates in place and their moments.
@@ -79,10 +101,8 @@ impl AdamW {
         let states = tch::no_grad(|| {
             parameters
                 .iter()
-                .map(|(_, parameter)| ParameterState {
-                    exp_avg: parameter.zeros_like(),
-                    exp_avg_sq: parameter.zeros_like(),
-                    step: 0,
+                .map(|(_, parameter)| {
+                    ParameterState::new(parameter.zeros_like(), parameter.zeros_like(), 0)
                 })
                 .collect()
         });
@@ -110,12 +130,66 @@ impl AdamW {
                 message: format!("must be a finite number >= 0, got {learning_rate}"),
             });
         }
-        let AdamWConfig {
+        if self.config.fused {
+            self.fused_step(learning_rate)?;
+        } else {
+            self.single_tensor_step(learning_rate)?;
+        }
+        self.step_count += 1;
+        Ok(())
+    }
+
+    fn hyper_parameters(&self, learning_rate: f64) -> FusedAdamWHyperParameters {
+        FusedAdamWHyperParameters {
+            learning_rate,
+            beta1: self.config.beta1,
+            beta2: self.config.beta2,
+            weight_decay: self.config.weight_decay,
+            eps: self.config.eps,
+        }
+    }
+
+    /// The fused kernel over every parameter with a gradient, in one call.
+    fn fused_step(&mut self, learning_rate: f64) -> Result<()> {
+        let mut stepped = Vec::with_capacity(self.parameters.len());
+        let (mut parameters, mut gradients) = (Vec::new(), Vec::new());
+        let (mut exp_avgs, mut exp_avg_sqs, mut steps) = (Vec::new(), Vec::new(), Vec::new());
+        for (index, ((_, parameter), state)) in self.parameters.iter().zip(&self.states).enumerate()
+        {
+            let gradient = parameter.grad();
+            if !gradient.defined() {
+                continue;
+            }
+            stepped.push(index);
+            parameters.push(parameter.shallow_clone());
+            gradients.push(gradient);
+            exp_avgs.push(state.exp_avg.shallow_clone());
+            exp_avg_sqs.push(state.exp_avg_sq.shallow_clone());
+            steps.push(state.step_tensor.shallow_clone());
+        }
+        let tensors = FusedAdamWTensors {
+            parameters: &parameters,
+            gradients: &gradients,
+            exp_avgs: &exp_avgs,
+            exp_avg_sqs: &exp_avg_sqs,
+            steps: &steps,
+        };
+        fused_adamw(&tensors, self.hyper_parameters(learning_rate)).map_err(WorkerError::AtenOp)?;
+        for index in stepped {
+            self.states[index].step += 1;
+        }
+        Ok(())
+    }
+
+    /// torch's single-tensor path, operation for operation.
+    fn single_tensor_step(&mut self, learning_rate: f64) -> Result<()> {
+        let FusedAdamWHyperParameters {
             beta1,
             beta2,
             eps,
             weight_decay,
-        } = self.config;
+            ..
+        } = self.hyper_parameters(learning_rate);
         tch::no_grad(|| -> Result<()> {
             for ((name, parameter), state) in self.parameters.iter().zip(self.states.iter_mut()) {
                 let gradient = parameter.grad();
@@ -166,19 +240,20 @@ impl AdamW {
                 let _ = parameter
                     .f_add_(&update)
                     .map_err(WorkerError::torch(context()))?;
+                let _ = state.step_tensor.fill_(state.step as f64);
             }
             Ok(())
-        })?;
-        self.step_count += 1;
-        Ok(())
+        })
     }
 
-    /// Zeroes every defined gradient (tch cannot set a gradient back to `None`).
-    pub fn zero_grad(&self) {
-        for (_, parameter) in &self.parameters {
-            let mut parameter = parameter.shallow_clone();
-            parameter.zero_grad();
-        }
+    /// Resets every gradient to undefined (`zero_grad(set_to_none=True)`).
+    pub fn zero_grad(&self) -> Result<()> {
+        let parameters: Vec<Tensor> = self
+            .parameters
+            .iter()
+            .map(|(_, parameter)| parameter.shallow_clone())
+            .collect();
+        reset_grads(&parameters).map_err(WorkerError::AtenOp)
     }
 
     /// How many times [`AdamW::step`] ran (or the count given to [`AdamW::load_state`]).
@@ -248,11 +323,7 @@ impl AdamW {
                     })?
                 }
             };
-            restored.push(ParameterState {
-                exp_avg,
-                exp_avg_sq,
-                step,
-            });
+            restored.push(ParameterState::new(exp_avg, exp_avg_sq, step));
         }
         self.states = restored;
         self.step_count = step_count;

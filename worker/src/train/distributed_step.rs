@@ -194,7 +194,7 @@ impl DistributedStep {
         if let Some(ema) = ema {
             ema.update(&self.parameters)?;
         }
-        optimizer.zero_grad();
+        optimizer.zero_grad()?;
         let report = StepReport {
             grad_norm,
             optimizer_steps: optimizer.step_count(),

@@ -433,7 +433,7 @@ impl TchTrainer {
                 "resumed from checkpoint"
             );
         }
-        session.optimizer.zero_grad();
+        session.optimizer.zero_grad()?;
         session.step_driver = DistributedStep::new(&session.trainable, step_settings(config));
         self.window = Window::default();
         if let Some(hypernetwork) = session.model.hypernetwork.as_mut() {
