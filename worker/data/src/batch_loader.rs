@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tracing::warn;
 
-use crate::decode::{decode_rgb_covering, DecodeError};
+use crate::decode::{decode_rgb_covering_reusing, DecodeError, DecodedImage};
 use crate::error::{invalid, DataError};
 use crate::fit::{fit_rgb8, rgb8_to_chw_f32};
 use crate::store::DatasetStore;
@@ -430,6 +430,14 @@ pub fn jpeg_decode_scales() -> &'static [JpegScale] {
     &SCALES
 }
 
+/// Decoded pixel buffers up to this size are kept for the thread's next image.
+const KEPT_DECODE_BUFFER_BYTES: usize = 32 << 20;
+
+thread_local! {
+    /// The previous image's decoded pixels, reused by the next decode on this thread.
+    static DECODE_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Decode, orient, convert, cover-resize and crop one image (runs on the worker pool).
 pub fn decode_and_fit(
     bytes: &[u8],
@@ -442,12 +450,33 @@ pub fn decode_and_fit(
 ) -> Result<FittedItem, LoadFailure> {
     // The cover size comes from the full-resolution upright size (read from the header), so
     // a JPEG is decoded at the smallest DCT scale that still covers it.
-    let decoded = decode_rgb_covering(bytes, max_pixels, jpeg_decode_scales(), |width, height| {
-        cover_geometry(item_id, width, height, bucket_width, bucket_height)
-            .ok()
-            .map(|geometry| (geometry.resized_width, geometry.resized_height))
-    })
+    let decoded = decode_rgb_covering_reusing(
+        bytes,
+        max_pixels,
+        jpeg_decode_scales(),
+        |width, height| {
+            cover_geometry(item_id, width, height, bucket_width, bucket_height)
+                .ok()
+                .map(|geometry| (geometry.resized_width, geometry.resized_height))
+        },
+        DECODE_BUFFER.take(),
+    )
     .map_err(LoadFailure::Decode)?;
+    let fitted = fit_decoded(&decoded, item_id, bucket_width, bucket_height, seed, epoch);
+    if decoded.image.pixels.capacity() <= KEPT_DECODE_BUFFER_BYTES {
+        DECODE_BUFFER.set(decoded.image.pixels);
+    }
+    fitted
+}
+
+fn fit_decoded(
+    decoded: &DecodedImage,
+    item_id: u64,
+    bucket_width: u32,
+    bucket_height: u32,
+    seed: u64,
+    epoch: u64,
+) -> Result<FittedItem, LoadFailure> {
     let geometry = cover_geometry(
         item_id,
         decoded.full_width,
@@ -457,7 +486,7 @@ pub fn decode_and_fit(
     )
     .map_err(|error| LoadFailure::Fit(error.to_string()))?;
     let offset = crop_offset(seed, epoch, item_id, &geometry);
-    let rgb = fit_rgb8(&decoded, &geometry, offset, bucket_width, bucket_height)
+    let rgb = fit_rgb8(decoded, &geometry, offset, bucket_width, bucket_height)
         .map_err(LoadFailure::Fit)?;
     let crop = ItemCrop {
         id: item_id,

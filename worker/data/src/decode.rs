@@ -197,7 +197,19 @@ pub fn decode_jpeg_scaled(
     scale: JpegScale,
     max_pixels: u64,
 ) -> Result<DecodedImage, DecodeError> {
-    let decoded = match turbojpeg::decompress(bytes, &probe.header, scale) {
+    decode_jpeg_scaled_reusing(bytes, probe, scale, max_pixels, Vec::new())
+}
+
+/// [`decode_jpeg_scaled`] decoding into `buffer`'s allocation (see
+/// [`turbojpeg::decompress_reusing`]); an upright RGB JPEG's pixels end up in it.
+pub fn decode_jpeg_scaled_reusing(
+    bytes: &[u8],
+    probe: &JpegProbe,
+    scale: JpegScale,
+    max_pixels: u64,
+    buffer: Vec<u8>,
+) -> Result<DecodedImage, DecodeError> {
+    let decoded = match turbojpeg::decompress_reusing(bytes, &probe.header, scale, buffer) {
         Ok(decoded) => decoded,
         Err(_) => return decode_rgb(bytes, max_pixels).map(DecodedImage::full),
     };
@@ -222,6 +234,18 @@ pub fn decode_rgb_covering(
     scales: &[JpegScale],
     cover: impl FnOnce(u32, u32) -> Option<(u32, u32)>,
 ) -> Result<DecodedImage, DecodeError> {
+    decode_rgb_covering_reusing(bytes, max_pixels, scales, cover, Vec::new())
+}
+
+/// [`decode_rgb_covering`] decoding JPEGs into `buffer`'s allocation (see
+/// [`turbojpeg::decompress_reusing`]): hand the previous image's pixels back in to reuse them.
+pub fn decode_rgb_covering_reusing(
+    bytes: &[u8],
+    max_pixels: u64,
+    scales: &[JpegScale],
+    cover: impl FnOnce(u32, u32) -> Option<(u32, u32)>,
+    buffer: Vec<u8>,
+) -> Result<DecodedImage, DecodeError> {
     let Some(probe) = probe_jpeg(bytes, max_pixels)? else {
         return decode_rgb(bytes, max_pixels).map(DecodedImage::full);
     };
@@ -229,7 +253,7 @@ pub fn decode_rgb_covering(
         Some((min_width, min_height)) => covering_scale(&probe, min_width, min_height, scales),
         None => JpegScale::FULL,
     };
-    decode_jpeg_scaled(bytes, &probe, scale, max_pixels)
+    decode_jpeg_scaled_reusing(bytes, &probe, scale, max_pixels, buffer)
 }
 
 /// Applies `orientation` to stored RGB8 pixels.

@@ -284,6 +284,18 @@ pub fn decompress(
     header: &JpegHeader,
     scale: JpegScale,
 ) -> Result<DecodedJpeg, TurboJpegError> {
+    decompress_reusing(bytes, header, scale, Vec::new())
+}
+
+/// [`decompress`] into `buffer`'s allocation (its contents are discarded): a caller that hands
+/// the previous image's pixels back in skips the allocation, the page faults of fresh memory
+/// and the zero-filling, since libjpeg-turbo writes every byte of the output itself.
+pub fn decompress_reusing(
+    bytes: &[u8],
+    header: &JpegHeader,
+    scale: JpegScale,
+    mut buffer: Vec<u8>,
+) -> Result<DecodedJpeg, TurboJpegError> {
     let scale = effective_scale(header, scale);
     let (width, height) = (scale.scaled(header.width), scale.scaled(header.height));
     let (pixel_format, channels) = match header.color_model {
@@ -291,16 +303,19 @@ pub fn decompress(
         JpegColorModel::Cmyk => (TJPF_CMYK, 4usize),
     };
     let pitch = width as usize * channels;
-    let mut pixels = vec![0u8; pitch * height as usize];
+    let length = pitch * height as usize;
+    buffer.clear();
+    buffer.reserve_exact(length);
     with_decompressor(|decompressor| {
-        // SAFETY: `pixels` holds `pitch * height` bytes, exactly what libjpeg-turbo writes for
-        // a `width x height` image of this pixel format and pitch.
+        // SAFETY: `buffer` has capacity for `pitch * height` bytes, exactly what libjpeg-turbo
+        // writes for a `width x height` image of this pixel format and pitch; they are only
+        // exposed (by `set_len` below) once it reports that it wrote all of them.
         let status = unsafe {
             tjDecompress2(
                 decompressor.handle,
                 bytes.as_ptr(),
                 bytes.len() as c_ulong,
-                pixels.as_mut_ptr(),
+                buffer.as_mut_ptr(),
                 width as c_int,
                 pitch as c_int,
                 height as c_int,
@@ -313,8 +328,11 @@ pub fn decompress(
         }
         Ok(())
     })?;
+    // SAFETY: the decompression succeeded (no warning either), so every one of the `length`
+    // bytes within the reserved capacity has been written.
+    unsafe { buffer.set_len(length) };
     Ok(DecodedJpeg {
-        pixels,
+        pixels: buffer,
         width,
         height,
         scale,
