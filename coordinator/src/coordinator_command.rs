@@ -11,8 +11,9 @@ use tokio::sync::watch;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::{error, info};
 
-use crate::dataset::{split_object_url, Dataset};
+use crate::dataset::Dataset;
 use crate::job_config::{job_token, local_path, ConfigFlags};
+use crate::object_file::split_object_url;
 use crate::server::auth::TokenCheck;
 use crate::server::job_state::JobState;
 use crate::server::membership::{Membership, Phase};
@@ -53,11 +54,7 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
             .display()
             .to_string()
     };
-    let dataset = Arc::new(if manifest_is_remote {
-        Dataset::load_url(&manifest, &config)?
-    } else {
-        Dataset::load(std::path::Path::new(&manifest), &config)?
-    });
+    let dataset = Arc::new(Dataset::load(&manifest, &config)?);
 
     let state = match JobState::load(run_store.as_ref())? {
         Some(state) => {

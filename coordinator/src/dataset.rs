@@ -1,14 +1,13 @@
 //! The dataset a job trains on: the manifest's kept records by position, bucketed.
 
-use std::path::Path;
-
 use anyhow::Context;
 use arbor_common::assign::{Assigner, BucketedItems};
 use arbor_common::buckets::BucketTable;
 use arbor_common::config::{DigestReader, JobConfig};
 use arbor_common::manifest::{read_manifest, ManifestRecord};
-use arbor_data::store::DatasetStore;
 use tracing::{info, warn};
+
+use crate::object_file::read_all;
 
 /// Kept records by position (the positions plans use), plus the bucketed view.
 pub struct Dataset {
@@ -20,35 +19,12 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Reads and buckets the manifest at `path` with the job's bucket parameters.
-    pub fn load(path: &Path, config: &JobConfig) -> anyhow::Result<Self> {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("opening manifest {}", path.display()))?;
-        Self::read(file, &path.display().to_string(), config)
-    }
-
-    /// Reads and buckets a manifest from an object store (`s3://bucket/prefix/manifest.jsonl`,
-    /// credentials from the environment). The object is fetched whole before parsing.
-    pub fn load_url(url: &str, config: &JobConfig) -> anyhow::Result<Self> {
-        let (location, key) = split_object_url(url)?;
-        let store =
-            DatasetStore::open(location).with_context(|| format!("opening data.manifest {url}"))?;
-        // On a thread of its own: the caller may be inside an async runtime.
-        let bytes = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .context("starting a runtime to fetch the manifest")?;
-                    runtime
-                        .block_on(store.get(key))
-                        .with_context(|| format!("fetching data.manifest {url}"))
-                })
-                .join()
-                .map_err(|_| anyhow::anyhow!("fetching the manifest panicked"))
-        })??;
-        Self::read(std::io::Cursor::new(bytes), url, config)
+    /// Reads and buckets the manifest at `name` (a local path or an object-store URL such as
+    /// `s3://bucket/prefix/manifest.jsonl`, credentials from the environment; fetched whole
+    /// before parsing) with the job's bucket parameters.
+    pub fn load(name: &str, config: &JobConfig) -> anyhow::Result<Self> {
+        let bytes = read_all(name, "data.manifest")?;
+        Self::read(std::io::Cursor::new(bytes), name, config)
     }
 
     /// Reads and buckets a manifest; `name` is for messages.
@@ -93,37 +69,5 @@ impl Dataset {
             records,
             digest,
         })
-    }
-}
-
-/// `s3://bucket/prefix/manifest.jsonl` → (`s3://bucket/prefix`, `manifest.jsonl`).
-pub fn split_object_url(url: &str) -> anyhow::Result<(&str, &str)> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        anyhow::bail!("`{url}` is not an object-store URL");
-    };
-    match rest.rsplit_once('/') {
-        Some((bucket_and_prefix, key)) if !bucket_and_prefix.is_empty() && !key.is_empty() => {
-            Ok((&url[..scheme.len() + 3 + bucket_and_prefix.len()], key))
-        }
-        _ => anyhow::bail!("`{url}` names no object: expected scheme://bucket/key"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::split_object_url;
-
-    #[test]
-    fn object_urls_split_into_location_and_key() {
-        assert_eq!(
-            split_object_url("s3://bucket/a/b/manifest.jsonl").unwrap(),
-            ("s3://bucket/a/b", "manifest.jsonl")
-        );
-        assert_eq!(
-            split_object_url("gs://bucket/manifest.jsonl").unwrap(),
-            ("gs://bucket", "manifest.jsonl")
-        );
-        assert!(split_object_url("s3://bucket").is_err());
-        assert!(split_object_url("s3://bucket/").is_err());
     }
 }

@@ -4,8 +4,7 @@
 //! The exit status is 0 whenever the manifest was written, skips or not; the summary line on
 //! stdout says how many files were written and how many were skipped, by reason.
 
-use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -19,18 +18,22 @@ use clap::Args;
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::object_file::write_all;
+
 /// Flags of `arbor index`.
 #[derive(Debug, Clone, Args)]
 pub struct IndexArgs {
     /// The dataset root: a folder (or file:// URL), or s3://bucket/prefix, gs://…, az://…
     /// (credentials and endpoints from the usual AWS_*, GOOGLE_*, AZURE_* variables).
     pub src: String,
-    /// Where to write the manifest (JSON Lines).
+    /// Where to write the manifest (JSON Lines): a path or an object-store URL such as
+    /// s3://bucket/prefix/manifest.jsonl.
     #[arg(long)]
-    pub out: PathBuf,
-    /// Where to write the JSON report of skipped files (without it, each skip is logged).
+    pub out: String,
+    /// Where to write the JSON report of skipped files, a path or an object-store URL (without
+    /// it, each skip is logged).
     #[arg(long)]
-    pub report: Option<PathBuf>,
+    pub report: Option<String>,
     /// Objects read at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
@@ -106,7 +109,7 @@ pub fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
         args.src,
         outcome.images_found,
         outcome.records.len(),
-        args.out.display(),
+        args.out,
         skip_summary(&outcome.skipped),
         if outcome.uncaptioned.is_empty() {
             String::new()
@@ -117,30 +120,20 @@ pub fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes the manifest next to its final path, then renames it, so a reader never sees half.
-fn write_manifest(path: &Path, outcome: &IndexOutcome) -> anyhow::Result<()> {
-    let temporary = temporary_path(path);
-    let file = std::fs::File::create(&temporary)
-        .with_context(|| format!("creating manifest {}", temporary.display()))?;
-    let mut writer = std::io::BufWriter::new(file);
+/// Writes the manifest whole and atomically ([`crate::object_file::write_all`]).
+fn write_manifest(name: &str, outcome: &IndexOutcome) -> anyhow::Result<()> {
+    let mut bytes = Vec::with_capacity(outcome.records.len() * 128);
     for record in &outcome.records {
-        serde_json::to_writer(&mut writer, record)?;
-        writer.write_all(b"\n")?;
+        serde_json::to_writer(&mut bytes, record)?;
+        bytes.push(b'\n');
     }
-    writer
-        .into_inner()
-        .map_err(|error| error.into_error())
-        .and_then(|file| file.sync_all())
-        .with_context(|| format!("writing manifest {}", temporary.display()))?;
-    std::fs::rename(&temporary, path)
-        .with_context(|| format!("renaming manifest into {}", path.display()))?;
-    Ok(())
+    write_all(name, bytes, "manifest")
 }
 
-fn write_report(path: &Path, args: &IndexArgs, outcome: &IndexOutcome) -> anyhow::Result<()> {
+fn write_report(name: &str, args: &IndexArgs, outcome: &IndexOutcome) -> anyhow::Result<()> {
     let report = IndexReport {
         source: &args.src,
-        manifest: args.out.display().to_string(),
+        manifest: args.out.clone(),
         images_found: outcome.images_found,
         written: outcome.records.len(),
         skipped_count: outcome.skipped.len(),
@@ -151,19 +144,8 @@ fn write_report(path: &Path, args: &IndexArgs, outcome: &IndexOutcome) -> anyhow
         skipped: &outcome.skipped,
         uncaptioned: &outcome.uncaptioned,
     };
-    let temporary = temporary_path(path);
-    let text = serde_json::to_string_pretty(&report)?;
-    std::fs::write(&temporary, text + "\n")
-        .with_context(|| format!("writing report {}", temporary.display()))?;
-    std::fs::rename(&temporary, path)
-        .with_context(|| format!("renaming report into {}", path.display()))?;
-    Ok(())
-}
-
-fn temporary_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
+    let text = serde_json::to_string_pretty(&report)? + "\n";
+    write_all(name, text.into_bytes(), "report")
 }
 
 /// A progress bar on a terminal, periodic log lines otherwise.

@@ -10,6 +10,7 @@ pub mod dry_run;
 pub mod index_command;
 pub mod job_config;
 pub mod launch_command;
+pub mod object_file;
 pub mod plan_command;
 pub mod plan_flags;
 pub mod preview_command;

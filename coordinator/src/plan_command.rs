@@ -1,21 +1,18 @@
 //! `arbor plan`: inspect buckets, assignments and epoch plans (DESIGN §2).
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::path::PathBuf;
+use std::io::{BufRead, BufWriter, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use arbor_common::assign::{Assigner, BucketedItems};
 use arbor_common::buckets::BucketTable;
-use arbor_common::manifest::read_manifest;
 use arbor_common::plan::EpochPlan;
 use arbor_common::sampler::BatchBucket;
 use arbor_common::summary::PlanSummary;
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tracing::warn;
 
+use crate::object_file::read_manifest_at;
 use crate::plan_flags::{AssignFlags, BucketFlags, EpochFlags};
 
 #[derive(Debug, Subcommand)]
@@ -54,9 +51,10 @@ pub struct AssignArgs {
 
 #[derive(Debug, Args)]
 pub struct EpochArgs {
-    /// The dataset manifest (JSON Lines: id, key, width, height, caption).
+    /// The dataset manifest (JSON Lines: id, key, width, height, caption), a path or an
+    /// object-store URL.
     #[arg(long)]
-    manifest: PathBuf,
+    manifest: String,
     #[command(flatten)]
     buckets: BucketFlags,
     #[command(flatten)]
@@ -185,17 +183,13 @@ fn assign_stdin(args: &AssignArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reads a manifest file and assigns its records; broken lines are reported and skipped.
+/// Reads a manifest (a path or an object-store URL) and assigns its records; broken lines are
+/// reported and skipped.
 pub fn load_bucketed_manifest(
-    path: &std::path::Path,
+    name: &str,
     assigner: &Assigner,
 ) -> anyhow::Result<(BucketedItems, usize)> {
-    let file = File::open(path).with_context(|| format!("opening manifest {}", path.display()))?;
-    let manifest = read_manifest(BufReader::new(file))
-        .with_context(|| format!("reading manifest {}", path.display()))?;
-    for skipped in &manifest.skipped_lines {
-        warn!(manifest = %path.display(), line = skipped.line, reason = %skipped.reason, "manifest line skipped");
-    }
+    let manifest = read_manifest_at(name)?;
     let sizes = manifest
         .records
         .iter()

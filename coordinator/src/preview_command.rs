@@ -5,14 +5,11 @@
 //! when the item failed to load and its slot repeats another item).
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use arbor_common::assign::BucketedItems;
-use arbor_common::manifest::read_manifest;
 use arbor_common::plan::EpochPlan;
 use arbor_common::sampler::BatchBucket;
 use arbor_data::batch_loader::{
@@ -23,14 +20,16 @@ use arbor_data::store::DatasetStore;
 use clap::Args;
 use tracing::warn;
 
+use crate::object_file::{parent_location, read_manifest_at};
 use crate::plan_flags::{AssignFlags, BucketFlags, EpochFlags};
 
 /// Flags of `arbor preview`.
 #[derive(Debug, Args)]
 pub struct PreviewArgs {
-    /// The dataset manifest (JSON Lines: id, key, width, height, caption).
+    /// The dataset manifest (JSON Lines: id, key, width, height, caption), a path or an
+    /// object-store URL.
     #[arg(long)]
-    pub manifest: PathBuf,
+    pub manifest: String,
     /// The dataset root the manifest's keys are relative to (a folder or an object-store URL);
     /// defaults to the manifest's folder.
     #[arg(long)]
@@ -69,13 +68,7 @@ pub fn run(args: PreviewArgs) -> anyhow::Result<ExitCode> {
     );
     let assigner = args.assign.assigner(&args.buckets)?;
     let table = assigner.table();
-    let file = File::open(&args.manifest)
-        .with_context(|| format!("opening manifest {}", args.manifest.display()))?;
-    let manifest = read_manifest(BufReader::new(file))
-        .with_context(|| format!("reading manifest {}", args.manifest.display()))?;
-    for skipped in &manifest.skipped_lines {
-        warn!(manifest = %args.manifest.display(), line = skipped.line, reason = %skipped.reason, "manifest line skipped");
-    }
+    let manifest = read_manifest_at(&args.manifest)?;
     let keys: HashMap<u64, &str> = manifest
         .records
         .iter()
@@ -132,13 +125,7 @@ pub fn run(args: PreviewArgs) -> anyhow::Result<ExitCode> {
 
     let root = match &args.root {
         Some(root) => root.clone(),
-        None => {
-            let parent = args
-                .manifest
-                .parent()
-                .filter(|parent| !parent.as_os_str().is_empty());
-            parent.map_or_else(|| ".".to_owned(), |parent| parent.display().to_string())
-        }
+        None => parent_location(&args.manifest),
     };
     let store = DatasetStore::open(&root)?;
     let loader = BatchLoader::new(

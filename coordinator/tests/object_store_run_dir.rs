@@ -207,3 +207,109 @@ fn a_job_runs_with_its_manifest_images_and_run_directory_in_s3() {
         job.coordinator_log()
     );
 }
+
+/// Runs `arbor` with the server's environment; returns (success, stdout, stderr).
+fn arbor_with(server: &MotoServer, arguments: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_arbor"))
+        .args(arguments)
+        .envs(server.environment())
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).to_string(),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    )
+}
+
+#[test]
+fn index_plan_and_preview_read_and_write_object_store_urls() {
+    let server = MotoServer::start();
+    let folder = tempfile::tempdir().unwrap();
+    for index in 0..12u32 {
+        let (width, height) = (64 + index * 8, 96 - index * 3);
+        let image = image::RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([(x * 3) as u8, (y * 5) as u8, index as u8 * 20])
+        });
+        image
+            .save(folder.path().join(format!("{index:02}.png")))
+            .unwrap();
+        std::fs::write(
+            folder.path().join(format!("{index:02}.txt")),
+            format!("tag{index}, s3"),
+        )
+        .unwrap();
+    }
+    // One file that is not an image: skipped and reported, in the bucket.
+    std::fs::write(folder.path().join("broken.jpg"), b"not a jpeg").unwrap();
+    Bucket::open(&server, "dataset").upload_folder(folder.path());
+
+    let manifest = format!("s3://{BUCKET}/dataset/manifest.jsonl");
+    let report = format!("s3://{BUCKET}/reports/index.json");
+    let source = format!("s3://{BUCKET}/dataset");
+    let (ok, stdout, stderr) = arbor_with(
+        &server,
+        &["index", &source, "--out", &manifest, "--report", &report],
+    );
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("12 written to {manifest}")),
+        "{stdout}"
+    );
+
+    let bucket = Bucket::open(&server, "");
+    let lines: Vec<serde_json::Value> = bucket
+        .text("dataset/manifest.jsonl")
+        .expect("the manifest is in the bucket")
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 12);
+    assert!(lines.iter().any(|line| line["caption"] == "tag3, s3"));
+    let report: serde_json::Value =
+        serde_json::from_str(&bucket.text("reports/index.json").unwrap()).unwrap();
+    assert_eq!(report["skipped_count"], 1, "{report}");
+    assert_eq!(report["skipped"][0]["key"], "broken.jpg", "{report}");
+
+    let (ok, stdout, stderr) = arbor_with(
+        &server,
+        &[
+            "plan",
+            "epoch",
+            "--manifest",
+            &manifest,
+            "--bsz",
+            "2",
+            "--world-size",
+            "2",
+            "--json",
+        ],
+    );
+    assert!(ok, "{stdout}{stderr}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(plan["items"], 12, "{plan}");
+
+    // The preview's images come from the manifest's prefix in the bucket.
+    let grid = folder.path().join("grid.png");
+    let (ok, stdout, stderr) = arbor_with(
+        &server,
+        &[
+            "preview",
+            "--manifest",
+            &manifest,
+            "--bsz",
+            "2",
+            "--world-size",
+            "1",
+            "--batches",
+            "2",
+            "--cell",
+            "32",
+            "--out",
+            grid.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("0 failed"), "{stdout}");
+    assert_eq!(&std::fs::read(&grid).unwrap()[..4], b"\x89PNG");
+}
