@@ -103,6 +103,7 @@ impl Trainer for DryRunTrainer {
             loss: 0.0,
             data_wait_seconds: load_seconds,
             failed_items: loaded.failures.len() as u32,
+            ..BatchOutcome::default()
         })
     }
 

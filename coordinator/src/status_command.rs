@@ -8,6 +8,8 @@ use arbor_proto::v1::{StatusReply, StatusRequest};
 use clap::Args;
 use serde_json::json;
 
+use arbor_runtime::trainer::TOKEN_LENGTH_BINS;
+
 use crate::client_flags::ClientFlags;
 
 #[derive(Debug, Args)]
@@ -49,6 +51,10 @@ pub fn status_json(reply: &StatusReply) -> serde_json::Value {
                 "rank": if w.rank < 0 { serde_json::Value::Null } else { json!(w.rank) },
                 "batches_done": w.batches_done, "items_per_second": w.items_per_second,
                 "loss": w.loss, "seconds_since_heartbeat": w.seconds_since_heartbeat,
+                "learning_rate": w.learning_rate,
+                "token_length_counts": TOKEN_LENGTH_BINS.iter().zip(&w.token_length_counts)
+                    .map(|(bin, count)| (bin.to_string(), json!(count)))
+                    .collect::<serde_json::Map<_, _>>(),
             })
         })
         .collect();
@@ -105,8 +111,8 @@ fn write_status(out: &mut impl Write, reply: &StatusReply) -> anyhow::Result<()>
     }
     writeln!(
         out,
-        "\n{:>5}  {:<32} {:>10} {:>10} {:>9} {:>8}",
-        "rank", "worker", "batches", "items/s", "loss", "seen"
+        "\n{:>5}  {:<32} {:>10} {:>10} {:>9} {:>10} {:>8}  prompts by tokens (<=75/150/225/more)",
+        "rank", "worker", "batches", "items/s", "loss", "lr", "seen"
     )?;
     for w in &reply.workers {
         let rank = if w.rank < 0 {
@@ -114,15 +120,18 @@ fn write_status(out: &mut impl Write, reply: &StatusReply) -> anyhow::Result<()>
         } else {
             w.rank.to_string()
         };
+        let prompts: Vec<String> = w.token_length_counts.iter().map(u64::to_string).collect();
         writeln!(
             out,
-            "{rank:>5}  {:<32} {:>4}/{:<5} {:>10.1} {:>9.4} {:>7.1}s",
+            "{rank:>5}  {:<32} {:>4}/{:<5} {:>10.1} {:>9.4} {:>10.3e} {:>7.1}s  {}",
             w.worker_id,
             w.batches_done,
             reply.batches_per_rank,
             w.items_per_second,
             w.loss,
-            w.seconds_since_heartbeat
+            w.learning_rate,
+            w.seconds_since_heartbeat,
+            prompts.join("/")
         )?;
     }
     writeln!(out, "\nrecent events:")?;

@@ -972,3 +972,44 @@ fn a_rank_that_passes_a_requested_checkpoint_gets_it_again_further_ahead_then_it
         );
     });
 }
+
+#[test]
+fn heartbeats_report_the_learning_rate_and_prompt_lengths_to_status_and_metrics() {
+    let spec = JobSpec {
+        min_workers: 1,
+        max_workers: 1,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    let address = job.address();
+    runtime().block_on(async {
+        let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
+        let reply = join_as_worker_w(&mut client).await;
+        for counts in [vec![3, 1, 0, 0], vec![2, 0, 1, 1]] {
+            client
+                .heartbeat(HeartbeatRequest {
+                    worker_id: "w".into(),
+                    generation: reply.generation,
+                    rank: 0,
+                    learning_rate: 2.5e-4,
+                    token_length_counts: counts,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+        let worker = &status.workers[0];
+        assert_eq!(worker.learning_rate, 2.5e-4);
+        assert_eq!(worker.token_length_counts, [5, 1, 1, 1]);
+    });
+    let metrics = reqwest_metrics(job.metrics_port);
+    for line in [
+        "arbor_learning_rate 0.00025",
+        "arbor_prompts_total{tokens=\"up_to_75\"} 5",
+        "arbor_prompts_total{tokens=\"over_225\"} 1",
+    ] {
+        assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
+    }
+}

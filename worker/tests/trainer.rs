@@ -231,6 +231,12 @@ fn hypernetwork_mode_trains_only_the_hypernetwork_and_exports_it() {
         let outcome = trainer.train_batch(&batch(index as u64, *ids)).unwrap();
         assert!(outcome.loss.is_finite(), "loss {}", outcome.loss);
         assert_eq!(outcome.failed_items, 0);
+        // What the runtime reports to the coordinator: the rate and the batch's two prompts.
+        assert!(
+            outcome.learning_rate.is_some_and(|lr| lr > 0.0),
+            "{outcome:?}"
+        );
+        assert_eq!(outcome.token_length_counts, [2, 0, 0, 0], "{outcome:?}");
     }
     assert_eq!(trainer.step(), 3);
     let model = trainer.model().unwrap();

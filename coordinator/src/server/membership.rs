@@ -21,6 +21,8 @@ use arbor_proto::v1::{
 use tonic::Status;
 use tracing::{info, warn};
 
+use arbor_runtime::trainer::TOKEN_LENGTH_BINS;
+
 use super::job_state::{CheckpointRecord, JobState, SegmentRecord};
 use super::ledger::{EpochLedger, LedgerLine};
 use super::metrics::Metrics;
@@ -62,6 +64,9 @@ struct WorkerEntry {
     batches_done: u64,
     loss: f64,
     items_per_second: f64,
+    learning_rate: f64,
+    /// Prompts it encoded in this generation, by token-length bin (`TOKEN_LENGTH_BINS`).
+    token_length_counts: [u64; 4],
     /// The number of its latest Shard stream.
     shard_stream: u64,
     /// When its latest Shard stream was cut before the end; cleared by its next Shard call. A
@@ -229,6 +234,8 @@ impl Membership {
                 batches_done: 0,
                 loss: 0.0,
                 items_per_second: 0.0,
+                learning_rate: 0.0,
+                token_length_counts: [0; 4],
                 shard_stream: 0,
                 stream_cut_at: None,
             },
@@ -713,6 +720,19 @@ impl Membership {
         entry.batches_done = request.batches_done;
         entry.loss = request.loss;
         entry.items_per_second = request.items_per_second;
+        entry.learning_rate = request.learning_rate;
+        for ((total, &count), bin) in entry
+            .token_length_counts
+            .iter_mut()
+            .zip(&request.token_length_counts)
+            .zip(TOKEN_LENGTH_BINS)
+        {
+            *total += count;
+            self.metrics.prompts(bin, count);
+        }
+        if request.rank == 0 && request.learning_rate > 0.0 {
+            self.metrics.learning_rate.set(request.learning_rate);
+        }
         // Completed batches of the current generation are recorded even while a regroup is
         // forming: the regroup then rolls back those after the checkpoint it resumes from.
         let same_epoch = request.epoch == self.state.epoch
@@ -940,6 +960,8 @@ impl Membership {
                     items_per_second: entry.items_per_second,
                     loss: entry.loss,
                     seconds_since_heartbeat: now.duration_since(entry.last_seen).as_secs_f64(),
+                    learning_rate: entry.learning_rate,
+                    token_length_counts: entry.token_length_counts.to_vec(),
                 }
             })
             .collect();

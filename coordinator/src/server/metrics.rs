@@ -14,6 +14,11 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct TokensLabel {
+    pub tokens: String,
+}
+
 /// Every metric the coordinator exports.
 #[derive(Clone)]
 pub struct Metrics {
@@ -28,6 +33,8 @@ pub struct Metrics {
     pub regroups: Counter,
     pub refused_requests: Family<ReasonLabel, Counter>,
     pub shard_items_streamed: Counter,
+    pub learning_rate: Gauge<f64, AtomicU64>,
+    pub prompts: Family<TokensLabel, Counter>,
 }
 
 impl Metrics {
@@ -45,6 +52,8 @@ impl Metrics {
             regroups: Counter::default(),
             refused_requests: Family::default(),
             shard_items_streamed: Counter::default(),
+            learning_rate: Gauge::default(),
+            prompts: Family::default(),
         };
         registry.register(
             "workers",
@@ -92,6 +101,16 @@ impl Metrics {
             "Shard items streamed to workers",
             metrics.shard_items_streamed.clone(),
         );
+        registry.register(
+            "learning_rate",
+            "Learning rate of rank 0's latest batch",
+            metrics.learning_rate.clone(),
+        );
+        registry.register(
+            "prompts",
+            "Prompts encoded, by token count (without BOS/EOS): up_to_75, 76_to_150, 151_to_225, over_225 (truncated)",
+            metrics.prompts.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             ..metrics
@@ -104,6 +123,14 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    pub fn prompts(&self, tokens: &str, count: u64) {
+        self.prompts
+            .get_or_create(&TokensLabel {
+                tokens: tokens.to_string(),
+            })
+            .inc_by(count);
     }
 
     pub fn render(&self) -> String {

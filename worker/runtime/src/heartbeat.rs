@@ -38,6 +38,9 @@ pub struct Progress {
     pub loss: f64,
     pub items_per_second: f64,
     pub data_wait_seconds: f64,
+    pub learning_rate: f64,
+    /// Prompts encoded since the last heartbeat, by token-length bin.
+    pub token_length_counts: [u64; 4],
     /// Completed batches not yet acknowledged by the coordinator.
     pub completed: Vec<CompletedBatch>,
     /// A failure to report (a collective error), sent once.
@@ -73,11 +76,14 @@ pub async fn send_heartbeat(client: &Client, worker_id: &str, progress: &SharedP
             completed: sent.clone(),
             error: std::mem::take(&mut state.error),
             data_wait_seconds: std::mem::take(&mut state.data_wait_seconds),
+            learning_rate: state.learning_rate,
+            token_length_counts: std::mem::take(&mut state.token_length_counts).to_vec(),
         };
         (request, sent)
     };
     let error_sent = request.error.clone();
     let (epoch_sent, segment_sent) = (request.epoch, request.segment);
+    let request_counts = request.token_length_counts.clone();
     match client.clone().heartbeat(request).await {
         Ok(reply) => {
             let reply = reply.into_inner();
@@ -112,6 +118,10 @@ pub async fn send_heartbeat(client: &Client, worker_id: &str, progress: &SharedP
             state.completed.extend(newer);
             if state.error.is_empty() {
                 state.error = error_sent;
+            }
+            // Counts not delivered go with the next heartbeat.
+            for (pending, unsent) in state.token_length_counts.iter_mut().zip(&request_counts) {
+                *pending += unsent;
             }
             if status.code() == tonic::Code::NotFound {
                 // The coordinator restarted or dropped us: join again.

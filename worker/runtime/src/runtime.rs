@@ -470,6 +470,16 @@ fn train_epochs(
                     0.8 * state.items_per_second + 0.2 * rate
                 };
                 state.data_wait_seconds += outcome.data_wait_seconds;
+                if let Some(learning_rate) = outcome.learning_rate {
+                    state.learning_rate = learning_rate;
+                }
+                for (total, count) in state
+                    .token_length_counts
+                    .iter_mut()
+                    .zip(outcome.token_length_counts)
+                {
+                    *total += count;
+                }
                 state.completed.push(CompletedBatch {
                     batch: batch.index,
                     item_ids: batch.items.iter().map(|i| i.id).collect(),

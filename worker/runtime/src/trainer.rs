@@ -65,7 +65,15 @@ pub struct BatchOutcome {
     pub data_wait_seconds: f64,
     /// Items that failed to load and were replaced (reported by the loader).
     pub failed_items: u32,
+    /// The learning rate the batch trained at (`None` in a dry run).
+    pub learning_rate: Option<f64>,
+    /// The batch's prompts by token count: [`TOKEN_LENGTH_BINS`].
+    pub token_length_counts: [u64; 4],
 }
+
+/// The bins of [`BatchOutcome::token_length_counts`] (tokens without BOS/EOS): one CLIP chunk,
+/// two, three, and longer prompts (truncated to three).
+pub const TOKEN_LENGTH_BINS: [&str; 4] = ["up_to_75", "76_to_150", "151_to_225", "over_225"];
 
 /// A trainer: the GPU model, or the dry run's loader.
 pub trait Trainer: Send {

@@ -61,6 +61,16 @@ impl TokenLengthHistogram {
         }
     }
 
+    /// The counts in the order of `arbor_runtime::trainer::TOKEN_LENGTH_BINS`.
+    pub fn counts(&self) -> [u64; 4] {
+        [
+            self.up_to_75,
+            self.from_76_to_150,
+            self.from_151_to_225,
+            self.over_225_truncated,
+        ]
+    }
+
     pub fn total(&self) -> u64 {
         self.up_to_75 + self.from_76_to_150 + self.from_151_to_225 + self.over_225_truncated
     }

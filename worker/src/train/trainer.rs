@@ -501,7 +501,9 @@ impl TchTrainer {
         )?;
         tch::manual_seed(batch_seed(seed, batch.epoch, batch.index, rank));
         let model = &session.model;
-        let context = model.encode_prompts(&inputs.captions, Some(&mut self.window.histogram))?;
+        let mut token_lengths = TokenLengthHistogram::default();
+        let context = model.encode_prompts(&inputs.captions, Some(&mut token_lengths))?;
+        self.window.histogram.merge(&token_lengths);
         let latents = model.encode_images(&inputs.pixels);
         let noise = latents.randn_like();
         let batch_size = latents.size()[0];
@@ -552,6 +554,8 @@ impl TchTrainer {
             loss: loss_value,
             data_wait_seconds,
             failed_items,
+            learning_rate: Some(learning_rate),
+            token_length_counts: token_lengths.counts(),
         })
     }
 
