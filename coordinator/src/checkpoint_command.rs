@@ -16,6 +16,11 @@ pub struct CheckpointArgs {
     /// Why, recorded in the job's events.
     #[arg(long, default_value = "")]
     reason: String,
+    /// Also write the exports of that step (the formats of the job's end: single-file and
+    /// diffusers for a fine-tune, A1111 `.pt` and safetensors for a hypernetwork) to
+    /// `exports/step-<N>/` in the run directory.
+    #[arg(long)]
+    export: bool,
     /// Wait until the checkpoint is complete and print its path (or fail after this many
     /// seconds); without it the command returns once the request is accepted.
     #[arg(long, value_name = "SECONDS")]
@@ -30,6 +35,7 @@ pub fn run(args: CheckpointArgs) -> anyhow::Result<std::process::ExitCode> {
             Duration::from_secs(10),
             client.request_checkpoint(RequestCheckpointRequest {
                 reason: args.reason.clone(),
+                export: args.export,
             }),
         )
         .await

@@ -702,7 +702,7 @@ fn a_requested_checkpoint_is_written_by_every_rank_at_the_batch_the_coordinator_
     });
     let output = Command::new(env!("CARGO_BIN_EXE_arbor"))
         .args(["checkpoint", "--coordinator", &job.address()])
-        .args(["--reason", "before maintenance", "--wait", "30"])
+        .args(["--reason", "before maintenance", "--wait", "30", "--export"])
         .env("ARBOR_TOKEN", TOKEN)
         .output()
         .unwrap();
@@ -734,8 +734,9 @@ fn a_requested_checkpoint_is_written_by_every_rank_at_the_batch_the_coordinator_
     assert!(job.run_dir().join(&path).join("COMPLETE").exists());
     let log = job.coordinator_log();
     assert!(
-        log.contains(&format!("checkpoint requested at batch {batch}"))
-            && log.contains("before maintenance"),
+        log.contains(&format!(
+            "checkpoint with exports requested at batch {batch}"
+        )) && log.contains("before maintenance"),
         "{log}"
     );
     // The ranks had not reached the batch when they were asked, and both wrote it.
@@ -745,6 +746,15 @@ fn a_requested_checkpoint_is_written_by_every_rank_at_the_batch_the_coordinator_
         !log.contains("passed the requested checkpoint"),
         "a rank missed the request: {log}"
     );
+    // The dry run has nothing to export, but each rank is told to, right after the checkpoint.
+    for rank in 0..2 {
+        let worker_log = job.worker_log(rank);
+        assert!(
+            worker_log.contains("export requested")
+                && worker_log.contains(&format!("step={batch}")),
+            "{worker_log}"
+        );
+    }
     assert!(
         job.wait_coordinator(Duration::from_secs(120)),
         "{}",
@@ -789,9 +799,7 @@ fn a_checkpoint_request_without_a_running_group_is_refused_with_the_reason() {
         }
         let refused = client
             .clone()
-            .request_checkpoint(arbor_proto::v1::RequestCheckpointRequest {
-                reason: String::new(),
-            })
+            .request_checkpoint(arbor_proto::v1::RequestCheckpointRequest::default())
             .await
             .unwrap_err();
         assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
@@ -928,6 +936,7 @@ fn a_rank_that_passes_a_requested_checkpoint_gets_it_again_further_ahead_then_it
             .clone()
             .request_checkpoint(arbor_proto::v1::RequestCheckpointRequest {
                 reason: "test".into(),
+                export: true,
             })
             .await
             .unwrap()
@@ -940,6 +949,7 @@ fn a_rank_that_passes_a_requested_checkpoint_gets_it_again_further_ahead_then_it
             (command.command, command.checkpoint_batch),
             (checkpoint, 13)
         );
+        assert!(command.export, "the request asked for exports");
         // Asking again while it is pending gives the same batch.
         let again = client
             .clone()

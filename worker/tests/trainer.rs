@@ -237,6 +237,10 @@ fn hypernetwork_mode_trains_only_the_hypernetwork_and_exports_it() {
             "{outcome:?}"
         );
         assert_eq!(outcome.token_length_counts, [2, 0, 0, 0], "{outcome:?}");
+        if index == 0 {
+            // `arbor checkpoint --export` after the first step: exports/step-1/.
+            trainer.export(1).unwrap();
+        }
     }
     assert_eq!(trainer.step(), 3);
     let model = trainer.model().unwrap();
@@ -265,6 +269,15 @@ fn hypernetwork_mode_trains_only_the_hypernetwork_and_exports_it() {
     let pt = read_pt(&fixture.run_dir.join("exports/hypernetwork.pt")).unwrap();
     assert_eq!(pt.modules.keys().copied().collect::<Vec<_>>(), [32, 48, 64]);
     assert_eq!(pt.step, 3);
+    let early = read_pt(&fixture.run_dir.join("exports/step-1/hypernetwork.pt")).unwrap();
+    assert_eq!(
+        early.step, 1,
+        "the export on request holds the weights of its step"
+    );
+    assert!(fixture
+        .run_dir
+        .join("exports/step-1/hypernetwork.safetensors")
+        .is_file());
     assert!(fixture
         .run_dir
         .join("exports/hypernetwork.safetensors")

@@ -84,6 +84,7 @@ struct RequestedCheckpoint {
     batch: u64,
     reason: String,
     attempt: u32,
+    export: bool,
 }
 
 /// Everything the coordinator decides, behind one lock.
@@ -383,7 +384,7 @@ impl Membership {
                 } else if self.timed_checkpoint_due(now) {
                     let minutes = schedule_minutes(&config);
                     let reason = format!("checkpoint_every_minutes {minutes} elapsed");
-                    if let Err(status) = self.request_checkpoint(&reason) {
+                    if let Err(status) = self.request_checkpoint(&reason, false) {
                         warn!(status = %status.message(), "timed checkpoint not requested");
                         self.last_checkpoint_at = now;
                     }
@@ -499,17 +500,23 @@ impl Membership {
     /// rank can still reach: ahead of the furthest rank by what it trains in two heartbeat
     /// intervals (more on a retry), so each rank hears of it before it gets there. Repeated
     /// calls while one is pending return the pending one.
-    pub fn request_checkpoint(&mut self, reason: &str) -> Result<RequestCheckpointReply, Status> {
+    pub fn request_checkpoint(
+        &mut self,
+        reason: &str,
+        export: bool,
+    ) -> Result<RequestCheckpointReply, Status> {
         if self.phase != Phase::Running {
             return Err(Status::failed_precondition(format!(
                 "no running group to checkpoint: the job is {}",
                 self.phase.name()
             )));
         }
-        if let Some(requested) = &self.requested_checkpoint {
+        if let Some(requested) = self.requested_checkpoint.as_mut() {
+            // A pending request also exports once anyone asks for it.
+            requested.export |= export;
             return Ok(requested.reply());
         }
-        self.issue_checkpoint_request(reason.to_string(), 0)
+        self.issue_checkpoint_request(reason.to_string(), 0, export)
             .map(|requested| requested.reply())
     }
 
@@ -517,6 +524,7 @@ impl Membership {
         &mut self,
         reason: String,
         attempt: u32,
+        export: bool,
     ) -> Result<RequestedCheckpoint, Status> {
         let plan = self
             .plan
@@ -548,9 +556,11 @@ impl Membership {
             batch,
             reason,
             attempt,
+            export,
         };
+        let with_export = if export { " with exports" } else { "" };
         self.event(format!(
-            "checkpoint requested at batch {batch} of epoch {} (ranks at batch {furthest} or less): {}",
+            "checkpoint{with_export} requested at batch {batch} of epoch {} (ranks at batch {furthest} or less): {}",
             requested.epoch, requested.reason
         ));
         self.requested_checkpoint = Some(requested.clone());
@@ -584,7 +594,7 @@ impl Membership {
         }
         self.event(format!("{missed}; asking again further ahead"));
         let retried = self
-            .issue_checkpoint_request(requested.reason, requested.attempt + 1)
+            .issue_checkpoint_request(requested.reason, requested.attempt + 1, requested.export)
             .ok()?;
         (batches_done < retried.batch).then_some(retried.batch)
     }
@@ -770,14 +780,17 @@ impl Membership {
             if let Some(batch) =
                 self.requested_checkpoint_command(request.rank, request.batches_done)
             {
-                let reason = self
+                let (reason, export) = self
                     .requested_checkpoint
                     .as_ref()
-                    .map_or(String::new(), |requested| requested.reason.clone());
+                    .map_or((String::new(), false), |requested| {
+                        (requested.reason.clone(), requested.export)
+                    });
                 return Ok(HeartbeatReply {
                     command: Command::Checkpoint as i32,
                     checkpoint_batch: batch,
                     reason,
+                    export,
                 });
             }
         }
@@ -1018,6 +1031,7 @@ fn reply(command: Command, reason: &str) -> HeartbeatReply {
         command: command as i32,
         checkpoint_batch: 0,
         reason: reason.to_string(),
+        export: false,
     }
 }
 

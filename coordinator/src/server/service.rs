@@ -246,7 +246,10 @@ impl Coordinator for CoordinatorService {
         } else {
             request.reason
         };
-        let reply = self.shared.lock().request_checkpoint(&reason)?;
+        let reply = self
+            .shared
+            .lock()
+            .request_checkpoint(&reason, request.export)?;
         self.shared.notify();
         Ok(Response::new(reply))
     }

@@ -25,6 +25,8 @@ pub struct RequestedCheckpoint {
     pub epoch: u64,
     pub segment: u64,
     pub batch: u64,
+    /// Also export the weights of that step.
+    pub export: bool,
 }
 
 /// Progress of this rank, shared by the batch loop and the heartbeat task.
@@ -102,6 +104,7 @@ pub async fn send_heartbeat(client: &Client, worker_id: &str, progress: &SharedP
                         epoch: epoch_sent,
                         segment: segment_sent,
                         batch: reply.checkpoint_batch,
+                        export: reply.export,
                     };
                     if state.requested_checkpoint != Some(requested) {
                         info!(batch = requested.batch, reason = %reply.reason, "coordinator asks for a checkpoint");

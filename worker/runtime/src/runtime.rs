@@ -508,6 +508,11 @@ fn train_epochs(
                 )? {
                     return Ok(end);
                 }
+                let export_requested =
+                    requested_now && requested.is_some_and(|requested| requested.export);
+                if export_requested {
+                    trainer.export(step).map_err(RuntimeError::Trainer)?;
+                }
             }
             if steps_exhausted {
                 info!(step, "max_steps reached");

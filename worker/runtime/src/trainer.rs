@@ -84,6 +84,13 @@ pub trait Trainer: Send {
     fn train_batch(&mut self, batch: &Batch) -> Result<BatchOutcome, String>;
     /// Writes this rank's part of the checkpoint at `step` (under `checkpoints/step-<step>/`).
     fn checkpoint(&mut self, step: u64, epoch: u64, batch: u64) -> Result<(), String>;
+    /// Writes the exports of the current weights under `exports/step-<step>/` (rank 0; asked
+    /// for with `arbor checkpoint --export`, right after that checkpoint). A trainer without
+    /// exports (the dry run) only logs it.
+    fn export(&mut self, step: u64) -> Result<(), String> {
+        tracing::info!(step, "export requested (nothing to export)");
+        Ok(())
+    }
     /// Called once when the job ends.
     fn finish(&mut self) -> Result<(), String> {
         Ok(())

@@ -22,11 +22,18 @@ use crate::train::run_dir::RunDir;
 use crate::train::training_model::{TrainingMode, TrainingModel, HYPERNETWORK_PREFIX};
 use crate::weights::export::{export_diffusers, export_single_file};
 
+/// The folder of the final exports; an export asked for during the run (`arbor checkpoint
+/// --export`) goes to `exports/step-<N>/` with the same file names.
 pub const EXPORTS_PREFIX: &str = "exports";
-pub const SINGLE_FILE_EXPORT: &str = "exports/model.safetensors";
-pub const DIFFUSERS_EXPORT: &str = "exports/diffusers";
-pub const HYPERNETWORK_PT_EXPORT: &str = "exports/hypernetwork.pt";
-pub const HYPERNETWORK_SAFETENSORS_EXPORT: &str = "exports/hypernetwork.safetensors";
+pub const SINGLE_FILE_EXPORT: &str = "model.safetensors";
+pub const DIFFUSERS_EXPORT: &str = "diffusers";
+pub const HYPERNETWORK_PT_EXPORT: &str = "hypernetwork.pt";
+pub const HYPERNETWORK_SAFETENSORS_EXPORT: &str = "hypernetwork.safetensors";
+
+/// The run-directory folder of the export at `step`.
+pub fn step_exports_prefix(step: u64) -> String {
+    format!("{EXPORTS_PREFIX}/step-{step}")
+}
 
 /// A temporary local folder removed on drop.
 struct StagingDir(PathBuf);
@@ -74,17 +81,19 @@ fn put_tree(run_dir: &RunDir, local: &Path, prefix: &str) -> Result<Vec<String>>
     Ok(keys)
 }
 
-/// Writes the mode's exports; `ema` (prefixed trainable names) replaces the trained weights
-/// when given. Returns the keys written.
+/// Writes the mode's exports under `folder` of the run directory ([`EXPORTS_PREFIX`] or
+/// [`step_exports_prefix`]); `ema` (prefixed trainable names) replaces the trained weights when
+/// given. Returns the keys written.
 pub fn write_exports(
     run_dir: &RunDir,
+    folder: &str,
     model: &TrainingModel,
     ema: Option<&[(String, Tensor)]>,
 ) -> Result<Vec<String>> {
     let staging = StagingDir::new()?;
     let keys = match model.mode {
-        TrainingMode::Finetune => export_finetune(run_dir, model, ema, &staging.0)?,
-        TrainingMode::Hypernetwork => export_hypernetwork(run_dir, model, ema, &staging.0)?,
+        TrainingMode::Finetune => export_finetune(run_dir, folder, model, ema, &staging.0)?,
+        TrainingMode::Hypernetwork => export_hypernetwork(run_dir, folder, model, ema, &staging.0)?,
     };
     info!(
         files = keys.len(),
@@ -96,6 +105,7 @@ pub fn write_exports(
 
 fn export_finetune(
     run_dir: &RunDir,
+    folder: &str,
     model: &TrainingModel,
     ema: Option<&[(String, Tensor)]>,
     staging: &Path,
@@ -104,12 +114,17 @@ fn export_finetune(
     let single_file = staging.join("model.safetensors");
     export_single_file(&components, &single_file)?;
     let bytes = std::fs::read(&single_file).map_err(WorkerError::io(&single_file))?;
-    run_dir.put(SINGLE_FILE_EXPORT, bytes)?;
-    let mut keys = vec![SINGLE_FILE_EXPORT.to_string()];
+    let single_file_key = format!("{folder}/{SINGLE_FILE_EXPORT}");
+    run_dir.put(&single_file_key, bytes)?;
+    let mut keys = vec![single_file_key];
     if model.model_path.is_dir() {
         let diffusers = staging.join("diffusers");
         export_diffusers(&components, &model.model_path, &diffusers)?;
-        keys.extend(put_tree(run_dir, &diffusers, DIFFUSERS_EXPORT)?);
+        keys.extend(put_tree(
+            run_dir,
+            &diffusers,
+            &format!("{folder}/{DIFFUSERS_EXPORT}"),
+        )?);
     } else {
         warn!(
             model = %model.model_path.display(),
@@ -121,6 +136,7 @@ fn export_finetune(
 
 fn export_hypernetwork(
     run_dir: &RunDir,
+    folder: &str,
     model: &TrainingModel,
     ema: Option<&[(String, Tensor)]>,
     staging: &Path,
@@ -153,17 +169,17 @@ fn export_hypernetwork(
             written?;
         }
     }
-    for (path, key) in [
+    let mut keys = Vec::new();
+    for (path, name) in [
         (&pt, HYPERNETWORK_PT_EXPORT),
         (&safetensors, HYPERNETWORK_SAFETENSORS_EXPORT),
     ] {
         let bytes = std::fs::read(path).map_err(WorkerError::io(path))?;
-        run_dir.put(key, bytes)?;
+        let key = format!("{folder}/{name}");
+        run_dir.put(&key, bytes)?;
+        keys.push(key);
     }
-    Ok(vec![
-        HYPERNETWORK_PT_EXPORT.to_string(),
-        HYPERNETWORK_SAFETENSORS_EXPORT.to_string(),
-    ])
+    Ok(keys)
 }
 
 /// Copies `source` into `destination` by (prefixed) name, without autograd history.

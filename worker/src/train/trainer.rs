@@ -49,7 +49,7 @@ use crate::train::ema::Ema;
 use crate::train::lr_schedule::LrSchedule;
 use crate::train::metrics_log::{MetricsLog, StepMetrics, TokenLengthHistogram};
 use crate::train::run_dir::RunDir;
-use crate::train::run_exports::write_exports;
+use crate::train::run_exports::{step_exports_prefix, write_exports, EXPORTS_PREFIX};
 use crate::train::sampling::{write_loss_curve, write_samples, SampleSettings};
 use crate::train::training_model::TrainingModel;
 
@@ -755,11 +755,21 @@ impl TchTrainer {
             metrics.flush()?;
             write_loss_curve(&session.run_dir, &metrics.loss_history())?;
         }
-        let ema_shadow = session.ema.as_ref().map(|ema| shallow_clones(ema.shadow()));
-        let keys = write_exports(&session.run_dir, &session.model, ema_shadow.as_deref())?;
+        let keys = write_session_exports(session, EXPORTS_PREFIX)?;
         info!(step, exports = ?keys, run_dir = session.run_dir.location(), "training finished");
         Ok(())
     }
+}
+
+/// The session's exports under `folder`, with the EMA weights when EMA is on.
+fn write_session_exports(session: &Session, folder: &str) -> Result<Vec<String>> {
+    let ema_shadow = session.ema.as_ref().map(|ema| shallow_clones(ema.shadow()));
+    write_exports(
+        &session.run_dir,
+        folder,
+        &session.model,
+        ema_shadow.as_deref(),
+    )
 }
 
 fn not_started() -> WorkerError {
@@ -825,6 +835,21 @@ impl Trainer for TchTrainer {
     fn checkpoint(&mut self, step: u64, epoch: u64, batch: u64) -> std::result::Result<(), String> {
         self.write_checkpoint(step, epoch, batch)
             .map_err(|error| format!("checkpoint at step {step}: {error}"))
+    }
+
+    fn export(&mut self, step: u64) -> std::result::Result<(), String> {
+        if self.membership.rank != 0 {
+            return Ok(());
+        }
+        let session = self
+            .session
+            .as_ref()
+            .ok_or_else(|| not_started().to_string())?;
+        let folder = step_exports_prefix(step);
+        let keys = write_session_exports(session, &folder)
+            .map_err(|error| format!("exporting at step {step}: {error}"))?;
+        info!(step, exports = ?keys, run_dir = session.run_dir.location(), "exports written on request");
+        Ok(())
     }
 
     fn finish(&mut self) -> std::result::Result<(), String> {
