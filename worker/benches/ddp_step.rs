@@ -278,7 +278,7 @@ impl RankRun {
     }
 
     /// Forward and backward; returns the loss tensor and (forward, backward) ms.
-    fn forward_backward(&self) -> Result<(Tensor, f64, f64)> {
+    fn forward_backward(&mut self, overlap: bool) -> Result<(Tensor, f64, f64)> {
         let started = Instant::now();
         let batch = DiffusionBatch {
             latents: &self.latents,
@@ -296,6 +296,9 @@ impl RankRun {
         let loss = loss.to_kind(Kind::Float);
         self.synchronize();
         let forward = started.elapsed().as_secs_f64() * 1000.0;
+        // The trainer's way: the gradients are averaged during the backward pass.
+        self.step_driver
+            .before_backward(Some(&mut self.group), &loss, overlap)?;
         loss.f_backward()?;
         self.synchronize();
         let backward = started.elapsed().as_secs_f64() * 1000.0 - forward;
@@ -312,7 +315,7 @@ impl RankRun {
     /// One trainer step: forward, backward, `DistributedStep::after_backward`.
     fn step(&mut self) -> Result<(f64, StepPhases)> {
         let started = Instant::now();
-        let (loss, forward, backward) = self.forward_backward()?;
+        let (loss, forward, backward) = self.forward_backward(true)?;
         let after_started = Instant::now();
         let report = self.step_driver.after_backward(
             Some(&mut self.group),
@@ -338,7 +341,8 @@ impl RankRun {
     /// The after-backward half piece by piece (the same calls `after_backward` makes):
     /// (all-reduce, clip, AdamW + zero_grad) ms.
     fn profiled_step(&mut self) -> Result<[f64; 3]> {
-        let (_loss, _, _) = self.forward_backward()?;
+        // Without overlap, so that the all-reduce is measured on its own.
+        let (_loss, _, _) = self.forward_backward(false)?;
         let started = Instant::now();
         self.step_driver.average_gradients(&mut self.group)?;
         self.synchronize();

@@ -114,10 +114,13 @@ fn train(mut group: Option<&mut ProcessGroup>, layout: Layout) -> Result<Outcome
     for step in 0..STEPS {
         let batch = step_batch(step + 1, GLOBAL_BATCH);
         for micro in 0..layout.grad_accum {
-            model.backward(
-                &batch.rows(layout.start(micro), layout.micro_batch()),
-                layout.grad_accum as f64,
-            )?;
+            // As the trainer does: the final micro-step's gradients are averaged during its
+            // backward pass (c10d's Reducer), the earlier ones stay local.
+            let last_micro = micro == layout.grad_accum - 1;
+            let loss = model.loss(&batch.rows(layout.start(micro), layout.micro_batch()))?
+                / layout.grad_accum as f64;
+            distributed.before_backward(group.as_deref_mut(), &loss, last_micro)?;
+            loss.f_backward()?;
             let micro_step = step * layout.grad_accum as u64 + micro as u64;
             let report = distributed.after_backward(
                 group.as_deref_mut(),
@@ -126,7 +129,6 @@ fn train(mut group: Option<&mut ProcessGroup>, layout: Layout) -> Result<Outcome
                 LEARNING_RATE,
                 micro_step,
             )?;
-            let last_micro = micro == layout.grad_accum - 1;
             ensure!(
                 report.is_some() == last_micro,
                 "micro-step {micro_step} returned {report:?}"
@@ -134,6 +136,14 @@ fn train(mut group: Option<&mut ProcessGroup>, layout: Layout) -> Result<Outcome
             reports.extend(report);
         }
     }
+    // With a group the steps above averaged during their backward passes.
+    let overlapped = group.is_some() && layout.world_size > 1;
+    ensure!(
+        distributed.reduces_during_backward() == overlapped,
+        "overlap {} with world size {}",
+        distributed.reduces_during_backward(),
+        layout.world_size
+    );
     Ok(Outcome {
         first_gradients,
         weights: snapshot(&parameters),
@@ -531,11 +541,13 @@ fn gradient_accumulation_over_half_batches_matches_the_whole_batch() -> Result<(
 }
 
 /// Steps rank 0 once with its peer, lets the peer fail as `scenario` says, and returns the error
-/// of the next step with how long it took.
+/// of the next step with how long it took. With `overlap` the next step averages during its
+/// backward pass (the trainer's way, c10d's Reducer), so the backward pass itself must fail.
 fn next_step_after_peer_failure(
     scenario: &str,
     timeout: Duration,
-) -> Result<(arbor_worker::WorkerError, Duration, OneStep)> {
+    overlap: bool,
+) -> Result<(anyhow::Error, Duration, OneStep)> {
     let port = free_port();
     let folder = tempfile::tempdir()?;
     let mut peer = Peer::spawn(scenario, 1, port, &folder.path().join("unused"))?;
@@ -558,18 +570,29 @@ fn next_step_after_peer_failure(
         peer.kill()?;
     }
     let batch = step_batch(2, GLOBAL_BATCH);
-    state
+    let loss = state
         .model
-        .backward(&batch.rows(layout.start(0), layout.micro_batch()), 1.0)?;
+        .loss(&batch.rows(layout.start(0), layout.micro_batch()))?;
     let before = snapshot(&state.model.trainable());
     let started = Instant::now();
-    let result = state.distributed.after_backward(
-        Some(&mut group),
-        &mut state.optimizer,
-        None,
-        LEARNING_RATE,
-        1,
-    );
+    let mut next_step = || -> Result<()> {
+        if overlap {
+            state
+                .distributed
+                .before_backward(Some(&mut group), &loss, true)?;
+            ensure!(state.distributed.reduces_during_backward());
+        }
+        loss.f_backward()?;
+        state.distributed.after_backward(
+            Some(&mut group),
+            &mut state.optimizer,
+            None,
+            LEARNING_RATE,
+            1,
+        )?;
+        Ok(())
+    };
+    let result = next_step();
     let elapsed = started.elapsed();
     let Err(error) = result else {
         bail!("the step after the peer failed ({scenario}) succeeded");
@@ -586,10 +609,22 @@ fn next_step_after_peer_failure(
 
 #[test]
 fn a_dead_peer_makes_the_step_fail_quickly() -> Result<()> {
-    let (error, elapsed, _) = next_step_after_peer_failure("step_then_die", GROUP_TIMEOUT)?;
-    eprintln!("step error after {elapsed:?}: {error}");
-    let message = error.to_string();
+    let (error, elapsed, _) = next_step_after_peer_failure("step_then_die", GROUP_TIMEOUT, false)?;
+    eprintln!("step error after {elapsed:?}: {error:#}");
+    let message = format!("{error:#}");
     assert!(message.contains("all-reduce"), "{message}");
+    assert!(
+        elapsed < GROUP_TIMEOUT,
+        "the error took {elapsed:?}, the group timeout is {GROUP_TIMEOUT:?}: {message}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_dead_peer_makes_the_overlapped_backward_pass_fail_quickly() -> Result<()> {
+    let (error, elapsed, _) = next_step_after_peer_failure("step_then_die", GROUP_TIMEOUT, true)?;
+    eprintln!("overlapped step error after {elapsed:?}: {error:#}");
+    let message = format!("{error:#}");
     assert!(
         elapsed < GROUP_TIMEOUT,
         "the error took {elapsed:?}, the group timeout is {GROUP_TIMEOUT:?}: {message}"
@@ -601,9 +636,9 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[test]
 fn a_stalled_peer_makes_the_step_fail_within_the_group_timeout() -> Result<()> {
-    let (error, elapsed, _) = next_step_after_peer_failure("stall", STALL_TIMEOUT)?;
-    eprintln!("step error after {elapsed:?}: {error}");
-    let message = error.to_string();
+    let (error, elapsed, _) = next_step_after_peer_failure("stall", STALL_TIMEOUT, false)?;
+    eprintln!("step error after {elapsed:?}: {error:#}");
+    let message = format!("{error:#}");
     assert!(message.contains("all-reduce"), "{message}");
     assert!(
         elapsed < STALL_TIMEOUT * 2,

@@ -13,11 +13,15 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/Types.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
 #ifdef ARBOR_C10D_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <algorithm>
 #include <chrono>
+#include <memory>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -31,6 +35,12 @@ struct arbor_c10d_store {
 struct arbor_c10d_group {
   c10::intrusive_ptr<c10d::Backend> backend;
   int world_size;
+  int rank;
+  bool nccl;
+};
+
+struct arbor_c10d_reducer {
+  std::unique_ptr<c10d::Reducer> reducer;
 };
 
 namespace {
@@ -126,7 +136,8 @@ arbor_c10d_group* arbor_c10d_group_new(arbor_c10d_store* store, const char* pref
     } else {
       TORCH_CHECK(false, "unknown backend ", backend);
     }
-    result = new arbor_c10d_group{std::move(group), world_size};
+    result = new arbor_c10d_group{std::move(group), world_size, rank,
+                                  backend == ARBOR_C10D_BACKEND_NCCL};
   });
   return result;
 }
@@ -202,6 +213,73 @@ int arbor_c10d_barrier(arbor_c10d_group* group, int64_t timeout_ms, char** error
     c10d::BarrierOptions options;
     options.timeout = timeout;
     wait_for(group->backend->barrier(options), timeout);
+  });
+  return ok ? 0 : 1;
+}
+
+arbor_c10d_reducer* arbor_c10d_reducer_new(arbor_c10d_group* group, void* const* parameters,
+                                           size_t count, int64_t bucket_cap_bytes,
+                                           int find_unused, char** error_out) {
+  arbor_c10d_reducer* result = nullptr;
+  guarded(error_out, [&] {
+    TORCH_CHECK(group != nullptr, "group is null");
+    TORCH_CHECK(count > 0 && parameters != nullptr, "no parameters");
+    TORCH_CHECK(bucket_cap_bytes > 0, "bucket cap must be positive, got ", bucket_cap_bytes);
+    std::vector<at::Tensor> params;
+    params.reserve(count);
+    for (size_t index = 0; index < count; ++index) {
+      TORCH_CHECK(parameters[index] != nullptr, "parameter ", index, " is null");
+      const at::Tensor& parameter = *static_cast<at::Tensor*>(parameters[index]);
+      TORCH_CHECK(parameter.defined() && parameter.requires_grad(), "parameter ", index,
+                  " is undefined or does not require a gradient");
+      params.push_back(parameter);
+    }
+    // The Reducer all-reduces through a ProcessGroup: one over this group's backend.
+    auto process_group = c10::make_intrusive<c10d::ProcessGroup>(group->rank, group->world_size);
+    auto backend_type = group->nccl ? c10d::ProcessGroup::BackendType::NCCL
+                                    : c10d::ProcessGroup::BackendType::GLOO;
+    auto device_type = group->nccl ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
+    process_group->setBackend(device_type, backend_type, group->backend);
+    process_group->setDefaultBackend(backend_type);
+    // As DistributedDataParallel does: a small first bucket, then buckets of the cap, assigned
+    // in parameter order and reduced in reverse (gradients arrive roughly last layer first).
+    const int64_t first_bucket_bytes = 1024 * 1024;
+    std::vector<size_t> limits{static_cast<size_t>(first_bucket_bytes),
+                               static_cast<size_t>(bucket_cap_bytes)};
+    std::vector<bool> expect_sparse(count, false);
+    auto [bucket_indices, bucket_limits] =
+        c10d::compute_bucket_assignment_by_size(params, limits, expect_sparse);
+    std::reverse(bucket_indices.begin(), bucket_indices.end());
+    std::reverse(bucket_limits.begin(), bucket_limits.end());
+    std::vector<int64_t> bucket_cap_list(bucket_limits.begin(), bucket_limits.end());
+    auto reducer = std::make_unique<c10d::Reducer>(
+        params, std::move(bucket_indices), process_group, expect_sparse, bucket_cap_bytes,
+        find_unused != 0, /*gradient_as_bucket_view=*/false,
+        std::unordered_map<size_t, std::string>{}, first_bucket_bytes,
+        /*skip_all_reduce_unused_params=*/false, /*use_python_reducer=*/false,
+        std::move(bucket_cap_list));
+    result = new arbor_c10d_reducer{std::move(reducer)};
+  });
+  return result;
+}
+
+void arbor_c10d_reducer_free(arbor_c10d_reducer* reducer) {
+  char* ignored = nullptr;
+  guarded(&ignored, [&] { delete reducer; });
+  std::free(ignored);
+}
+
+int arbor_c10d_reducer_prepare(arbor_c10d_reducer* reducer, void* const* outputs, size_t count,
+                               char** error_out) {
+  bool ok = guarded(error_out, [&] {
+    TORCH_CHECK(reducer != nullptr, "reducer is null");
+    std::vector<at::Tensor> output_list;
+    for (size_t index = 0; index < count; ++index) {
+      TORCH_CHECK(outputs[index] != nullptr, "output ", index, " is null");
+      output_list.push_back(*static_cast<at::Tensor*>(outputs[index]));
+    }
+    reducer->reducer->prepare_for_forward();
+    reducer->reducer->prepare_for_backward(output_list);
   });
   return ok ? 0 : 1;
 }

@@ -43,6 +43,22 @@ int arbor_c10d_all_reduce(arbor_c10d_group* group, void* const* tensors, size_t 
 
 int arbor_c10d_barrier(arbor_c10d_group* group, int64_t timeout_ms, char** error_out);
 
+// c10d's Reducer (what DistributedDataParallel runs) over `count` parameters: gradients are
+// averaged over the group in buckets of at most `bucket_cap_bytes` (the first one 1 MiB), each
+// all-reduced from an autograd hook as soon as all its gradients are ready, so communication
+// overlaps the rest of the backward pass. `find_unused` != 0 lets parameters outside a step's
+// graph take part (DDP's find_unused_parameters). The reducer keeps its own references to the
+// group and the parameters.
+typedef struct arbor_c10d_reducer arbor_c10d_reducer;
+arbor_c10d_reducer* arbor_c10d_reducer_new(arbor_c10d_group* group, void* const* parameters,
+                                           size_t count, int64_t bucket_cap_bytes,
+                                           int find_unused, char** error_out);
+void arbor_c10d_reducer_free(arbor_c10d_reducer* reducer);
+// Arms the reducer for the next backward pass from `outputs` (the loss): that pass averages the
+// gradients. A backward pass without it leaves them local (gradient accumulation).
+int arbor_c10d_reducer_prepare(arbor_c10d_reducer* reducer, void* const* outputs, size_t count,
+                               char** error_out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -37,7 +37,7 @@ pub struct FusedAdamWHyperParameters {
 
 /// The shim's `torch::Tensor*` of each tensor. The C++ side updates the tensors' storage (and
 /// autograd metadata) through them, like tch's own in-place operators on a shallow clone.
-fn pointers(tensors: &[Tensor]) -> Vec<*mut c_void> {
+pub(crate) fn pointers(tensors: &[Tensor]) -> Vec<*mut c_void> {
     tensors
         .iter()
         .map(|tensor| tensor.as_ptr().cast_mut().cast::<c_void>())

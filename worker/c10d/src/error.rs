@@ -42,6 +42,13 @@ pub enum C10dError {
         timeout: Duration,
         message: String,
     },
+    #[error("gradient reducer of {parameter_count} parameters in group {prefix:?} (rank {rank}): {message}")]
+    Reducer {
+        prefix: String,
+        rank: usize,
+        parameter_count: usize,
+        message: String,
+    },
     #[error("{operation} of {tensor_count} tensors: {message}")]
     AtenOp {
         operation: &'static str,

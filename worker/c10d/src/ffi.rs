@@ -12,6 +12,11 @@ pub(crate) struct RawGroup {
     _private: [u8; 0],
 }
 
+#[repr(C)]
+pub(crate) struct RawReducer {
+    _private: [u8; 0],
+}
+
 pub(crate) const BACKEND_GLOO: c_int = 0;
 pub(crate) const BACKEND_NCCL: c_int = 1;
 pub(crate) const REDUCTION_SUM: c_int = 0;
@@ -45,6 +50,21 @@ extern "C" {
         count: usize,
         reduction: c_int,
         timeout_ms: i64,
+        error_out: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn arbor_c10d_reducer_new(
+        group: *mut RawGroup,
+        parameters: *const *mut c_void,
+        count: usize,
+        bucket_cap_bytes: i64,
+        find_unused: c_int,
+        error_out: *mut *mut c_char,
+    ) -> *mut RawReducer;
+    pub(crate) fn arbor_c10d_reducer_free(reducer: *mut RawReducer);
+    pub(crate) fn arbor_c10d_reducer_prepare(
+        reducer: *mut RawReducer,
+        outputs: *const *mut c_void,
+        count: usize,
         error_out: *mut *mut c_char,
     ) -> c_int;
     pub(crate) fn arbor_aten_fused_adamw(

@@ -10,11 +10,13 @@ mod backend;
 mod error;
 mod ffi;
 mod gradient_buckets;
+mod gradient_reducer;
 mod process_group;
 mod store;
 
 pub use backend::Backend;
 pub use error::C10dError;
 pub use gradient_buckets::{is_final_micro_step, GradientBuckets, DEFAULT_BUCKET_CAP_BYTES};
+pub use gradient_reducer::GradientReducer;
 pub use process_group::{generation_prefix, ProcessGroup, Reduction};
 pub use store::{Store, StoreAddress};

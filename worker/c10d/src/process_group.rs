@@ -205,6 +205,11 @@ impl ProcessGroup {
         self.backend
     }
 
+    /// The shim's group, for the objects built on it (the gradient reducer).
+    pub(crate) fn raw(&self) -> *mut ffi::RawGroup {
+        self.raw.as_ptr()
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }

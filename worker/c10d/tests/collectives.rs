@@ -9,7 +9,9 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use arbor_c10d::{generation_prefix, Backend, C10dError, GradientBuckets, ProcessGroup};
+use arbor_c10d::{
+    generation_prefix, Backend, C10dError, GradientBuckets, GradientReducer, ProcessGroup,
+};
 use tch::{Device, Kind, Tensor};
 
 const PEER_LINE: &str = "ARBOR_PEER ";
@@ -177,7 +179,7 @@ fn gradient_parameters() -> Vec<Tensor> {
         .collect()
 }
 
-fn backward_rank_gradients(parameters: &[Tensor], rank: usize) {
+fn rank_loss(parameters: &[Tensor], rank: usize) -> Tensor {
     let mut loss = Tensor::zeros([], (Kind::Float, Device::Cpu));
     for (index, parameter) in parameters.iter().enumerate() {
         let coefficients = Tensor::arange(parameter.numel() as i64, (Kind::Float, Device::Cpu))
@@ -185,7 +187,35 @@ fn backward_rank_gradients(parameters: &[Tensor], rank: usize) {
             + (index as f64) * 100.0;
         loss += (parameter * coefficients * ((rank + 1) as f64)).sum(Kind::Float);
     }
+    loss
+}
+
+fn backward_rank_gradients(parameters: &[Tensor], rank: usize) {
+    rank_loss(parameters, rank).backward();
+}
+
+/// The reducer averages during an armed backward pass only: an unarmed one (a non-final
+/// micro-step) leaves the local gradient, and the armed one averages the accumulated sum.
+fn reduce_gradients_during_backward_and_check(group: &mut ProcessGroup) -> Result<()> {
+    let parameters = gradient_parameters();
+    let mut reducer = GradientReducer::new(group, &parameters, 40, false)?;
+    let rank = group.rank();
+    backward_rank_gradients(&parameters, rank);
+    let local: Vec<Tensor> = parameters.iter().map(|p| p.grad().copy()).collect();
+    let loss = rank_loss(&parameters, rank);
+    reducer.prepare_for_backward(std::slice::from_ref(&loss))?;
     loss.backward();
+    let world_size = group.world_size() as f64;
+    let mean_scale = (1..=group.world_size()).sum::<usize>() as f64 / world_size;
+    // Two micro-steps of (rank + 1) * c accumulated, then averaged: 2 * mean_scale * c.
+    let expected: Vec<Tensor> = local
+        .iter()
+        .map(|gradient| gradient * 2.0 / ((rank + 1) as f64) * mean_scale)
+        .collect();
+    check_exact(
+        &parameters.iter().map(|p| p.grad()).collect::<Vec<_>>(),
+        &expected,
+    )
 }
 
 fn average_gradients_and_check(group: &mut ProcessGroup) -> Result<()> {
@@ -258,6 +288,7 @@ fn run_peer(scenario: &str) -> Result<()> {
         "average" => {
             average_and_check(&mut group)?;
             average_gradients_and_check(&mut group)?;
+            reduce_gradients_during_backward_and_check(&mut group)?;
             report("done");
         }
         "reduce_then_idle" => {
@@ -306,6 +337,7 @@ fn two_processes_average_tensors_and_gradients_exactly() -> Result<()> {
     )?;
     average_and_check(&mut group)?;
     average_gradients_and_check(&mut group)?;
+    reduce_gradients_during_backward_and_check(&mut group)?;
     peer.expect_event("done", GROUP_TIMEOUT)?;
     peer.wait_success(GROUP_TIMEOUT)?;
     Ok(())

@@ -10,6 +10,13 @@
 //! with `grad_accum` micro-batches of `b` samples give the gradient of one batch of
 //! `W · grad_accum · b` samples.
 //!
+//! Overlap: when the caller announces the final micro-step's backward pass
+//! ([`DistributedStep::before_backward`]), the averaging runs during that pass instead, through
+//! c10d's Reducer ([`arbor_c10d::GradientReducer`], DDP's engine: the same buckets, each
+//! all-reduced from an autograd hook as soon as its gradients are ready, unused parameters
+//! handled as DDP's `find_unused_parameters`), and the after-backward step only clips and steps.
+//! Without the announcement the bucketed all-reduce below runs after the pass.
+//!
 //! Parameters without a gradient: torch's AdamW skips a parameter whose gradient is `None` (one
 //! the loss never reached). Ranks must still agree on what they all-reduce, so with a group every
 //! rank first sums a small mask of which parameters have a gradient. Parameters that have none on
@@ -17,7 +24,9 @@
 //! on some rank gets a zero gradient on the others before the average. The buckets are planned
 //! over the parameters that take part, and re-planned only when that set changes.
 
-use arbor_c10d::{is_final_micro_step, GradientBuckets, ProcessGroup, DEFAULT_BUCKET_CAP_BYTES};
+use arbor_c10d::{
+    is_final_micro_step, GradientBuckets, GradientReducer, ProcessGroup, DEFAULT_BUCKET_CAP_BYTES,
+};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, WorkerError};
@@ -57,6 +66,14 @@ pub struct DistributedStep {
     settings: StepSettings,
     bucket_cap_bytes: usize,
     plan: Option<BucketPlan>,
+    /// The reducer of the group (by store prefix) that overlaps the all-reduce with backward.
+    reducer: Option<(String, GradientReducer)>,
+    /// Whether the backward pass just run was armed: its gradients are already averaged.
+    reduced_during_backward: bool,
+    /// Per group (store prefix): whether every parameter had a gradient on some rank at the
+    /// last post-backward average. The reducer is built after one such average, and looks for
+    /// unused parameters (an extra graph traversal per step) only when some were.
+    every_parameter_used: Option<(String, bool)>,
 }
 
 impl std::fmt::Debug for DistributedStep {
@@ -93,11 +110,75 @@ impl DistributedStep {
             settings,
             bucket_cap_bytes,
             plan: None,
+            reducer: None,
+            reduced_during_backward: false,
+            every_parameter_used: None,
         };
         // Plan for every parameter up front; re-planned only if some never get a gradient.
         let everything = vec![true; step.parameters.len()];
         step.plan = Some(step.plan_for(everything));
         step
+    }
+
+    /// Call before a micro-batch's backward pass from `loss`, with whether it closes the
+    /// accumulation window (the same on every rank). On a closing pass of a group of more than
+    /// one rank, the gradients are averaged during the pass (see the module docs), and
+    /// [`DistributedStep::after_backward_closing`] skips its own all-reduce.
+    pub fn before_backward(
+        &mut self,
+        group: Option<&mut ProcessGroup>,
+        loss: &Tensor,
+        closes_window: bool,
+    ) -> Result<()> {
+        self.reduced_during_backward = false;
+        let Some(group) = group else {
+            return Ok(());
+        };
+        if !closes_window || group.world_size() < 2 {
+            return Ok(());
+        }
+        let current = self
+            .reducer
+            .as_ref()
+            .is_some_and(|(prefix, _)| prefix == group.prefix());
+        let Some(every_parameter_used) = self
+            .every_parameter_used
+            .as_ref()
+            .filter(|(prefix, _)| prefix == group.prefix())
+            .map(|(_, used)| *used)
+        else {
+            // The group's first window averages after the pass and learns which are used.
+            return Ok(());
+        };
+        if !current {
+            let tensors: Vec<Tensor> = self
+                .parameters
+                .iter()
+                .map(|(_, tensor)| tensor.shallow_clone())
+                .collect();
+            let find_unused = !every_parameter_used;
+            let reducer =
+                GradientReducer::new(group, &tensors, self.bucket_cap_bytes, find_unused)?;
+            tracing::info!(
+                rank = group.rank(),
+                world_size = group.world_size(),
+                parameters = tensors.len(),
+                find_unused,
+                "gradient averaging now overlaps the backward pass (c10d Reducer)"
+            );
+            self.reducer = Some((group.prefix().to_string(), reducer));
+        }
+        if let Some((_, reducer)) = self.reducer.as_mut() {
+            reducer.prepare_for_backward(std::slice::from_ref(loss))?;
+            self.reduced_during_backward = true;
+        }
+        Ok(())
+    }
+
+    /// Whether the gradient averaging now runs during the closing backward passes (a reducer
+    /// exists for the group).
+    pub fn reduces_during_backward(&self) -> bool {
+        self.reducer.is_some()
     }
 
     pub fn settings(&self) -> StepSettings {
@@ -179,8 +260,9 @@ impl DistributedStep {
         if !closes_window {
             return Ok(None);
         }
+        let reduced = std::mem::take(&mut self.reduced_during_backward);
         if let Some(group) = group {
-            if group.world_size() > 1 {
+            if group.world_size() > 1 && !reduced {
                 self.average_gradients(group)?;
             }
         }
@@ -220,6 +302,10 @@ impl DistributedStep {
             .collect();
         // Every rank joins the mask all-reduce, also when it has every gradient itself.
         let participating = self.agreed_mask(group, &local)?;
+        self.every_parameter_used = Some((
+            group.prefix().to_string(),
+            participating.iter().all(|&takes_part| takes_part),
+        ));
         self.define_zero_gradients(&local, &participating)?;
         let replan = self
             .plan

@@ -527,7 +527,12 @@ impl TchTrainer {
         } else {
             1.0 / window_len as f64
         };
-        (loss * weight)
+        let weighted_loss = loss * weight;
+        let closes_window = batch.closes_window(session.config.schedule.grad_accum);
+        session
+            .step_driver
+            .before_backward(self.group.as_mut(), &weighted_loss, closes_window)?;
+        weighted_loss
             .f_backward()
             .map_err(WorkerError::torch("backpropagating the diffusion loss"))?;
         let learning_rate = session.lr_schedule.learning_rate(self.step);
@@ -536,7 +541,7 @@ impl TchTrainer {
             &mut session.optimizer,
             session.ema.as_mut(),
             learning_rate,
-            batch.closes_window(session.config.schedule.grad_accum),
+            closes_window,
         )?;
         let failed_items = loaded.failures.len() as u32;
         let window = &mut self.window;
