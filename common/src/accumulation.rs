@@ -38,21 +38,6 @@ pub fn window_end_at_or_after(batches_done: u64, epoch_batches: u64, grad_accum:
         .min(epoch_batches)
 }
 
-/// The optimizer steps taken by the end of `batches_done` batches of a plan that started at
-/// `start_batch` (a window end) with `start_step` steps done.
-pub fn steps_after(
-    start_batch: u64,
-    start_step: u64,
-    batches_done: u64,
-    epoch_batches: u64,
-    grad_accum: u32,
-) -> u64 {
-    let closing = (start_batch..batches_done)
-        .filter(|&index| closes_accumulation_window(index, epoch_batches, grad_accum))
-        .count() as u64;
-    start_step + closing
-}
-
 /// What [`scheduled_checkpoints`] needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckpointSchedule {
@@ -160,7 +145,5 @@ mod tests {
             ..schedule
         };
         assert_eq!(scheduled_checkpoints(&capped), [4, 6]);
-        assert_eq!(steps_after(0, 0, 7, 10, 2), 3);
-        assert_eq!(steps_after(4, 2, 10, 10, 2), 5);
     }
 }

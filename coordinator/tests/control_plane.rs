@@ -388,10 +388,25 @@ fn reqwest_metrics(port: u16) -> String {
     response
 }
 
-/// Joins as the single worker `w` of a one-worker job, retrying while the coordinator starts.
+/// A job of `items` items at `bsz` for one worker, its coordinator started.
+fn one_worker_job(items: usize, bsz: u32) -> Job {
+    let mut job = Job::new(&JobSpec {
+        items,
+        bsz,
+        min_workers: 1,
+        max_workers: 1,
+        ..JobSpec::default()
+    });
+    job.start_coordinator();
+    job
+}
+
+/// Connects and joins as the single worker `w` of a one-worker job, retrying while the
+/// coordinator starts.
 async fn join_as_worker_w(
-    client: &mut arbor_runtime::client::Client,
-) -> arbor_proto::v1::JoinReply {
+    address: &str,
+) -> (arbor_runtime::client::Client, arbor_proto::v1::JoinReply) {
+    let mut client = arbor_runtime::client::connect(address, TOKEN, None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let join = JoinRequest {
         worker_id: "w".into(),
@@ -402,7 +417,7 @@ async fn join_as_worker_w(
     };
     loop {
         match client.join(join.clone()).await {
-            Ok(reply) => return reply.into_inner(),
+            Ok(reply) => return (client, reply.into_inner()),
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
@@ -413,19 +428,10 @@ async fn join_as_worker_w(
 
 #[test]
 fn a_cut_shard_stream_resumes_without_duplicates() {
-    let spec = JobSpec {
-        items: 2600,
-        bsz: 2,
-        min_workers: 1,
-        max_workers: 1,
-        ..JobSpec::default()
-    };
-    let mut job = Job::new(&spec);
-    job.start_coordinator();
+    let job = one_worker_job(2600, 2);
     let address = job.address();
     runtime().block_on(async {
-        let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
-        let reply = join_as_worker_w(&mut client).await;
+        let (mut client, reply) = join_as_worker_w(&address).await;
         let request = |start_index| ShardRequest {
             worker_id: "w".into(),
             generation: reply.generation,
@@ -814,19 +820,10 @@ fn a_checkpoint_request_without_a_running_group_is_refused_with_the_reason() {
 #[test]
 fn a_shard_stream_cut_and_not_resumed_marks_the_worker_lost_even_while_it_heartbeats() {
     // Enough items that the coordinator is still streaming when the worker walks away.
-    let spec = JobSpec {
-        items: 24_000,
-        bsz: 2,
-        min_workers: 1,
-        max_workers: 1,
-        ..JobSpec::default()
-    };
-    let mut job = Job::new(&spec);
-    job.start_coordinator();
+    let job = one_worker_job(24_000, 2);
     let address = job.address();
     runtime().block_on(async {
-        let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
-        let reply = join_as_worker_w(&mut client).await;
+        let (mut client, reply) = join_as_worker_w(&address).await;
         let heartbeats = {
             let mut client = client.clone();
             let generation = reply.generation;
@@ -905,19 +902,10 @@ fn a_shard_stream_cut_and_not_resumed_marks_the_worker_lost_even_while_it_heartb
 
 #[test]
 fn a_rank_that_passes_a_requested_checkpoint_gets_it_again_further_ahead_then_it_is_dropped() {
-    let spec = JobSpec {
-        items: 2600,
-        bsz: 2,
-        min_workers: 1,
-        max_workers: 1,
-        ..JobSpec::default()
-    };
-    let mut job = Job::new(&spec);
-    job.start_coordinator();
+    let job = one_worker_job(2600, 2);
     let address = job.address();
     runtime().block_on(async {
-        let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
-        let reply = join_as_worker_w(&mut client).await;
+        let (mut client, reply) = join_as_worker_w(&address).await;
         // 8 items/s at bsz 2 is 4 batches/s: two heartbeat intervals (0.25 s) are 2 batches.
         let heartbeat = |batches_done: u64| {
             let mut client = client.clone();
@@ -985,17 +973,10 @@ fn a_rank_that_passes_a_requested_checkpoint_gets_it_again_further_ahead_then_it
 
 #[test]
 fn heartbeats_report_the_learning_rate_and_prompt_lengths_to_status_and_metrics() {
-    let spec = JobSpec {
-        min_workers: 1,
-        max_workers: 1,
-        ..JobSpec::default()
-    };
-    let mut job = Job::new(&spec);
-    job.start_coordinator();
+    let job = one_worker_job(JobSpec::default().items, JobSpec::default().bsz);
     let address = job.address();
     runtime().block_on(async {
-        let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
-        let reply = join_as_worker_w(&mut client).await;
+        let (mut client, reply) = join_as_worker_w(&address).await;
         for counts in [vec![3, 1, 0, 0], vec![2, 0, 1, 1]] {
             client
                 .heartbeat(HeartbeatRequest {

@@ -382,7 +382,7 @@ impl Membership {
                     self.start_regroup(format!("worker {id} (rank {rank}) lost"));
                     changed = true;
                 } else if self.timed_checkpoint_due(now) {
-                    let minutes = schedule_minutes(&config);
+                    let minutes = config.schedule.checkpoint_every_minutes.unwrap_or_default();
                     let reason = format!("checkpoint_every_minutes {minutes} elapsed");
                     if let Err(status) = self.request_checkpoint(&reason, false) {
                         warn!(status = %status.message(), "timed checkpoint not requested");
@@ -569,10 +569,14 @@ impl Membership {
 
     /// The heartbeat command a rank at `batches_done` gets for the requested checkpoint, and
     /// re-asks further ahead when the rank already passed its batch without writing it.
-    fn requested_checkpoint_command(&mut self, rank: u32, batches_done: u64) -> Option<u64> {
+    fn requested_checkpoint_command(
+        &mut self,
+        rank: u32,
+        batches_done: u64,
+    ) -> Option<HeartbeatReply> {
         let requested = self.requested_checkpoint.clone()?;
         if batches_done < requested.batch {
-            return Some(requested.batch);
+            return Some(requested.command());
         }
         let key = (requested.epoch, requested.segment, requested.batch);
         let reported = self
@@ -596,7 +600,7 @@ impl Membership {
         let retried = self
             .issue_checkpoint_request(requested.reason, requested.attempt + 1, requested.export)
             .ok()?;
-        (batches_done < retried.batch).then_some(retried.batch)
+        (batches_done < retried.batch).then(|| retried.command())
     }
 
     fn form_group(&mut self) -> anyhow::Result<()> {
@@ -777,21 +781,10 @@ impl Membership {
             return Ok(reply(Command::Regroup, "the group is re-forming"));
         }
         if same_epoch {
-            if let Some(batch) =
+            if let Some(command) =
                 self.requested_checkpoint_command(request.rank, request.batches_done)
             {
-                let (reason, export) = self
-                    .requested_checkpoint
-                    .as_ref()
-                    .map_or((String::new(), false), |requested| {
-                        (requested.reason.clone(), requested.export)
-                    });
-                return Ok(HeartbeatReply {
-                    command: Command::Checkpoint as i32,
-                    checkpoint_batch: batch,
-                    reason,
-                    export,
-                });
+                return Ok(command);
             }
         }
         Ok(reply(Command::Continue, ""))
@@ -1012,6 +1005,16 @@ impl Membership {
 }
 
 impl RequestedCheckpoint {
+    /// The heartbeat reply that asks a rank for this checkpoint.
+    fn command(&self) -> HeartbeatReply {
+        HeartbeatReply {
+            command: Command::Checkpoint as i32,
+            checkpoint_batch: self.batch,
+            reason: self.reason.clone(),
+            export: self.export,
+        }
+    }
+
     fn reply(&self) -> RequestCheckpointReply {
         RequestCheckpointReply {
             generation: self.generation,
@@ -1020,10 +1023,6 @@ impl RequestedCheckpoint {
             batch: self.batch,
         }
     }
-}
-
-fn schedule_minutes(config: &JobConfig) -> f64 {
-    config.schedule.checkpoint_every_minutes.unwrap_or_default()
 }
 
 fn reply(command: Command, reason: &str) -> HeartbeatReply {

@@ -1,6 +1,6 @@
 //! The interface between the runtime and what trains (or, in a dry run, only loads) a batch.
 
-pub use arbor_common::accumulation::{accumulation_window_len, closes_accumulation_window};
+use arbor_common::accumulation::{accumulation_window_len, closes_accumulation_window};
 use arbor_common::buckets::Bucket;
 use arbor_common::config::JobConfig;
 use arbor_common::sampler::BatchBucket;

@@ -60,20 +60,6 @@ struct ParameterState {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: u64,
-    /// `step` as the float32 scalar the fused kernel reads (and increments).
-    step_tensor: Tensor,
-}
-
-impl ParameterState {
-    fn new(exp_avg: Tensor, exp_avg_sq: Tensor, step: u64) -> Self {
-        let step_tensor = Tensor::from(step as f32);
-        Self {
-            exp_avg,
-            exp_avg_sq,
-            step,
-            step_tensor,
-        }
-    }
 }
 
 /// The optimizer: the parameters it updates in place and their moments.
@@ -101,8 +87,10 @@ impl AdamW {
         let states = tch::no_grad(|| {
             parameters
                 .iter()
-                .map(|(_, parameter)| {
-                    ParameterState::new(parameter.zeros_like(), parameter.zeros_like(), 0)
+                .map(|(_, parameter)| ParameterState {
+                    exp_avg: parameter.zeros_like(),
+                    exp_avg_sq: parameter.zeros_like(),
+                    step: 0,
                 })
                 .collect()
         });
@@ -153,7 +141,7 @@ impl AdamW {
     fn fused_step(&mut self, learning_rate: f64) -> Result<()> {
         let mut stepped = Vec::with_capacity(self.parameters.len());
         let (mut parameters, mut gradients) = (Vec::new(), Vec::new());
-        let (mut exp_avgs, mut exp_avg_sqs, mut steps) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut exp_avgs, mut exp_avg_sqs, mut step_counts) = (Vec::new(), Vec::new(), Vec::new());
         for (index, ((_, parameter), state)) in self.parameters.iter().zip(&self.states).enumerate()
         {
             let gradient = parameter.grad();
@@ -165,8 +153,14 @@ impl AdamW {
             gradients.push(gradient);
             exp_avgs.push(state.exp_avg.shallow_clone());
             exp_avg_sqs.push(state.exp_avg_sq.shallow_clone());
-            steps.push(state.step_tensor.shallow_clone());
+            step_counts.push(state.step as f32);
         }
+        let Some(device) = parameters.first().map(Tensor::device) else {
+            return Ok(());
+        };
+        // The kernel reads (and first increments) one float32 scalar per parameter on its device:
+        // made from the step counts with a single transfer.
+        let steps = Tensor::from_slice(&step_counts).to_device(device).unbind(0);
         let tensors = FusedAdamWTensors {
             parameters: &parameters,
             gradients: &gradients,
@@ -240,7 +234,6 @@ impl AdamW {
                 let _ = parameter
                     .f_add_(&update)
                     .map_err(WorkerError::torch(context()))?;
-                let _ = state.step_tensor.fill_(state.step as f64);
             }
             Ok(())
         })
@@ -323,7 +316,11 @@ impl AdamW {
                     })?
                 }
             };
-            restored.push(ParameterState::new(exp_avg, exp_avg_sq, step));
+            restored.push(ParameterState {
+                exp_avg,
+                exp_avg_sq,
+                step,
+            });
         }
         self.states = restored;
         self.step_count = step_count;
