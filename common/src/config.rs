@@ -247,6 +247,11 @@ pub struct TrainSection {
     /// Reserved: encoding each image with the VAE once and reusing the latents is not
     /// implemented yet, so `true` is refused by [`JobConfig::validate`].
     pub cache_latents: bool,
+    /// Every this many optimizer steps, the worker times the phases of the step (data wait,
+    /// encode, forward, backward, all-reduce, optimizer) by waiting for the device at each
+    /// boundary, and writes them to `metrics.jsonl` as `phase_seconds`; 0 turns it off. The
+    /// default, 10, times the steps whose loss is read back anyway.
+    pub time_phases_every: u64,
 }
 
 impl Default for TrainSection {
@@ -261,6 +266,7 @@ impl Default for TrainSection {
             weight_decay: 0.01,
             ema_decay: 0.0,
             cache_latents: false,
+            time_phases_every: 10,
         }
     }
 }

@@ -100,7 +100,6 @@ impl Trainer for DryRunTrainer {
             std::thread::sleep(self.simulated_step);
         }
         Ok(BatchOutcome {
-            loss: 0.0,
             data_wait_seconds: load_seconds,
             failed_items: loaded.failures.len() as u32,
             ..BatchOutcome::default()

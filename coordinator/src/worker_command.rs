@@ -50,6 +50,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<std::process::ExitCode> {
     )
     .map_err(anyhow::Error::msg)?;
     let summary = run_worker(options, &mut trainer)?;
+    if let Some(restart) = summary.restart {
+        return Err(restart.exec().into());
+    }
     info!(
         batches = summary.batches_trained,
         items = summary.items_trained,

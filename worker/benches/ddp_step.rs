@@ -1,7 +1,7 @@
 //! Benchmark: one data-parallel diffusion training step on 2 CPU ranks over Gloo, arbor vs
 //! PyTorch DDP (backend gloo) — `bench/ddp/ddp_step.py` — on the same libtorch, small SD-topology
-//! UNet config, per-rank batch, thread count, gradient clipping and AdamW. Prints both side by
-//! side with the ratio arbor / PyTorch (target <= 1.0x).
+//! UNet config, per-rank batch, thread count, gradient clipping and AdamW (torch's fused kernel
+//! on both sides). Prints both side by side with the ratio arbor / PyTorch (target <= 1.0x).
 //!
 //!     cargo bench -p arbor-worker --bench ddp_step -- [--rounds N] [--steps N] [--warmup N]
 //!         [--threads N] [--world N] [--batch N] [--size N] [--context-len N]
@@ -51,17 +51,6 @@ const LEARNING_RATE: f64 = 1e-4;
 
 /// Training compute of one 512x512 image through an SD1.5 UNet (forward + backward), in FLOP.
 const TRAIN_FLOP_PER_512_IMAGE: f64 = 2.41e12;
-
-/// libtorch's `at::autocast::set_autocast_dtype(c10::DeviceType, c10::ScalarType)`, as the
-/// trainer (train/training_model.rs) uses it: tch's autocast defaults to fp16 on CUDA.
-mod autocast_ffi {
-    extern "C" {
-        #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
-        pub fn set_autocast_dtype(device_type: i8, scalar_type: i8);
-    }
-    pub const DEVICE_TYPE_CUDA: i8 = 1;
-    pub const SCALAR_TYPE_BFLOAT16: i8 = 15;
-}
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -201,13 +190,11 @@ impl RankRun {
         tch::manual_seed(0);
         let device = if options.cuda {
             if options.bf16 {
-                // SAFETY: plain enum arguments; sets a thread-global autocast setting.
-                unsafe {
-                    autocast_ffi::set_autocast_dtype(
-                        autocast_ffi::DEVICE_TYPE_CUDA,
-                        autocast_ffi::SCALAR_TYPE_BFLOAT16,
-                    );
-                }
+                // As the trainer does: tch's autocast defaults to fp16 on CUDA.
+                arbor_c10d::aten_ops::set_autocast_dtype(
+                    arbor_c10d::aten_ops::AutocastDevice::Cuda,
+                    tch::Kind::BFloat16,
+                )?;
             }
             Device::Cuda(rank)
         } else {
@@ -573,8 +560,8 @@ fn main() -> Result<()> {
         "", "median ms", "mean ms", "min ms", "images/s", "last loss"
     );
     for (name, timing) in [
-        ("pytorch DDP, torch.optim.AdamW", &pytorch),
-        ("arbor (tch + arbor-c10d), arbor AdamW", &arbor),
+        ("pytorch DDP, torch.optim.AdamW fused", &pytorch),
+        ("arbor (tch + arbor-c10d), arbor AdamW fused", &arbor),
     ] {
         println!(
             "{name:<44} {:>10.1} {:>10.1} {:>10.1} {:>10.2} {:>10.4}",

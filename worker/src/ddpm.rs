@@ -158,6 +158,9 @@ pub struct DdpmSchedule {
     config: SchedulerConfig,
     /// f32 [num_train_timesteps], computed as diffusers computes it (float32 throughout).
     alphas_cumprod: Tensor,
+    /// The same table on the device the model trains on ([`DdpmSchedule::keep_on`]), so noising
+    /// a batch copies nothing from the host.
+    alphas_cumprod_on_device: Option<Tensor>,
 }
 
 impl DdpmSchedule {
@@ -181,7 +184,14 @@ impl DdpmSchedule {
         Self {
             config: config.clone(),
             alphas_cumprod,
+            alphas_cumprod_on_device: None,
         }
+    }
+
+    /// Keeps a copy of the table on `device` for noising batches there (one copy, now).
+    pub fn keep_on(&mut self, device: Device) {
+        self.alphas_cumprod_on_device =
+            (device != Device::Cpu).then(|| self.alphas_cumprod.to_device(device));
     }
 
     /// Stable Diffusion 1.x's schedule.
@@ -208,7 +218,9 @@ impl DdpmSchedule {
     }
 
     /// Checks `timesteps` is an integer tensor of one timestep per sample of `batch`, each in
-    /// [0, num_train_timesteps).
+    /// [0, num_train_timesteps). The range is checked on CPU tensors only: reading a device
+    /// tensor's values would wait for the device (an out-of-range index there still fails, in
+    /// the device's own bounds check).
     pub fn check_timesteps(&self, timesteps: &Tensor, batch: i64) -> Result<()> {
         let error = |message: String| WorkerError::Input {
             name: "timesteps".to_string(),
@@ -226,7 +238,7 @@ impl DdpmSchedule {
                 timesteps.size()
             )));
         }
-        if batch == 0 {
+        if batch == 0 || timesteps.device() != Device::Cpu {
             return Ok(());
         }
         let low = timesteps.min().int64_value(&[]);
@@ -242,10 +254,12 @@ impl DdpmSchedule {
 
     /// (sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) per sample, shaped [B, 1, …] to broadcast against `like`.
     fn coefficients(&self, timesteps: &Tensor, like: &Tensor) -> (Tensor, Tensor) {
-        let alphas_cumprod = self
-            .alphas_cumprod
-            .to_device(like.device())
-            .to_kind(like.kind());
+        let table = self
+            .alphas_cumprod_on_device
+            .as_ref()
+            .filter(|table| table.device() == like.device())
+            .unwrap_or(&self.alphas_cumprod);
+        let alphas_cumprod = table.to_device(like.device()).to_kind(like.kind());
         let selected =
             alphas_cumprod.index_select(0, &timesteps.to_device(like.device()).reshape([-1]));
         let mut shape = vec![-1i64];

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod clip;
 pub mod ddpm;
+pub mod device;
 pub mod embeddings;
 pub mod error;
 pub mod hypernetwork;

@@ -14,10 +14,11 @@ use tracing::{info, warn};
 use arbor_runtime::runtime::run_worker;
 use arbor_runtime::worker_args::{spawn_local_ranks, WorkerArgs};
 use arbor_worker::clip::DEFAULT_CLIP_SKIP;
+use arbor_worker::device::{device_name, DeviceChoice};
 use arbor_worker::probe::{run_probe, ProbeOptions};
 use arbor_worker::prompt::{PromptFraming, DEFAULT_MAX_CHUNKS};
 use arbor_worker::tokenizer::ClipTokenizer;
-use arbor_worker::train::trainer::{DeviceChoice, TchTrainer, TrainerOptions};
+use arbor_worker::train::trainer::{TchTrainer, TrainerOptions};
 use arbor_worker::weights::export::{export_diffusers, export_single_file, NamedTensors};
 use arbor_worker::weights::{Component, ModelSource};
 
@@ -34,7 +35,8 @@ enum Command {
     Train {
         #[command(flatten)]
         worker: WorkerArgs,
-        /// Where the model runs: `auto` (CUDA when available), `cpu` or `cuda`.
+        /// Where the model runs: `auto` (CUDA when available), `cpu` or `cuda`. On CUDA, local
+        /// rank i uses cuda:i among the visible devices (CUDA_VISIBLE_DEVICES), as torchrun does.
         #[arg(long, value_enum, default_value_t = DeviceFlag::Auto)]
         device: DeviceFlag,
         /// libtorch intra-op threads on the CPU (default: libtorch's choice).
@@ -78,6 +80,9 @@ enum Command {
         /// An AUTOMATIC1111 hypernetwork `.pt` for the `hn.*` inputs.
         #[arg(long)]
         hypernetwork: Option<PathBuf>,
+        /// Where the model runs: `cpu` or `cuda` (cuda:0). Inputs and outputs stay fp32.
+        #[arg(long, value_enum, default_value_t = DeviceFlag::Cpu)]
+        device: DeviceFlag,
     },
     /// Converts a model's weights: a single-file LDM safetensors and/or a diffusers folder.
     Export {
@@ -103,6 +108,16 @@ enum DeviceFlag {
     Auto,
     Cpu,
     Cuda,
+}
+
+impl DeviceFlag {
+    fn choice(self) -> DeviceChoice {
+        match self {
+            DeviceFlag::Auto => DeviceChoice::Auto,
+            DeviceFlag::Cpu => DeviceChoice::Cpu,
+            DeviceFlag::Cuda => DeviceChoice::Cuda,
+        }
+    }
 }
 
 fn main() -> Result<std::process::ExitCode> {
@@ -138,7 +153,16 @@ fn main() -> Result<std::process::ExitCode> {
             clip_skip,
             config,
             hypernetwork,
-        } => probe(model, &inputs, &out, clip_skip, config, hypernetwork),
+            device,
+        } => probe(
+            model,
+            &inputs,
+            &out,
+            clip_skip,
+            config,
+            hypernetwork,
+            device,
+        ),
         Command::Export {
             model,
             single_file,
@@ -186,17 +210,24 @@ fn train(
         }
         tch::set_num_threads(threads);
     }
+    // Refused before joining: a rank without a device of its own must not enter a group.
+    let device = device
+        .choice()
+        .resolve(worker.local_rank)
+        .with_context(|| format!("local rank {}", worker.local_rank))?;
+    info!(local_rank = worker.local_rank, device = %device_name(device), "device chosen");
     let options = worker.worker_options()?;
     let mut trainer = TchTrainer::new(TrainerOptions {
-        device: match device {
-            DeviceFlag::Auto => DeviceChoice::Auto,
-            DeviceFlag::Cpu => DeviceChoice::Cpu,
-            DeviceFlag::Cuda => DeviceChoice::Cuda,
-        },
+        device,
         data_root: worker.data_root.clone(),
         collective_timeout: collective_timeout_s.map(std::time::Duration::from_secs),
     });
     let summary = run_worker(options, &mut trainer)?;
+    if let Some(restart) = summary.restart {
+        // Returns only when the new process could not be started; the trainer (and its
+        // collectives) is deliberately not torn down first.
+        return Err(restart.exec().into());
+    }
     info!(
         batches = summary.batches_trained,
         items = summary.items_trained,
@@ -262,6 +293,7 @@ fn probe(
     clip_skip: usize,
     config: Option<PathBuf>,
     hypernetwork: Option<PathBuf>,
+    device: DeviceFlag,
 ) -> Result<()> {
     let inputs: HashMap<String, Tensor> = Tensor::read_safetensors(inputs_path)
         .with_context(|| format!("reading inputs {}", inputs_path.display()))?
@@ -271,8 +303,13 @@ fn probe(
     options.clip_skip = clip_skip;
     options.config_dir = config;
     options.hypernetwork = hypernetwork;
+    options.device = device.choice().resolve(0)?;
     let outputs = run_probe(&options, &inputs)?;
-    let named: Vec<(String, Tensor)> = outputs.into_iter().collect();
+    // Written from the CPU, whatever the device.
+    let named: Vec<(String, Tensor)> = outputs
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.to_device(tch::Device::Cpu)))
+        .collect();
     Tensor::write_safetensors(&named, out)
         .with_context(|| format!("writing outputs {}", out.display()))?;
     info!(outputs = named.len(), out = %out.display(), "probe outputs written");

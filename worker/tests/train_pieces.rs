@@ -21,6 +21,7 @@ use arbor_worker::train::grad_clip::clip_grad_norm;
 use arbor_worker::train::loss_curve::render_loss_curve;
 use arbor_worker::train::lr_schedule::LrSchedule;
 use arbor_worker::train::metrics_log::{MetricsLog, StepMetrics, TokenLengthHistogram};
+use arbor_worker::train::phase_clock::PhaseSeconds;
 use arbor_worker::train::run_dir::RunDir;
 use arbor_worker::train::sample_grid::images_to_grid_png;
 
@@ -689,6 +690,16 @@ fn record(step: u64, loss: f64) -> StepMetrics {
         failed_items: 0,
         bucket: "512x768".into(),
         unix_time: 1.7e9 + step as f64,
+        // Every other record carries the timed phases and the peak memory.
+        phase_seconds: (step % 2 == 0).then_some(PhaseSeconds {
+            data_wait: 0.01,
+            encode: 0.1,
+            forward: 0.2,
+            backward: 0.4,
+            all_reduce: 0.05,
+            optimizer: 0.03,
+        }),
+        peak_memory_bytes: (step % 2 == 0).then_some(40 << 30),
     }
 }
 
@@ -720,6 +731,17 @@ fn metrics_log_round_trips_and_a_resume_drops_the_rolled_back_stretch() {
     assert_eq!(text.lines().count(), 8);
     let parsed: StepMetrics = serde_json::from_str(text.lines().nth(2).unwrap()).unwrap();
     assert_eq!(parsed, record(3, 1.0 / 3.0));
+    // The timed phases and the peak memory appear only where they were measured.
+    let untimed: serde_json::Value = serde_json::from_str(text.lines().nth(2).unwrap()).unwrap();
+    assert!(untimed.get("phase_seconds").is_none(), "{untimed}");
+    assert!(untimed.get("peak_memory_bytes").is_none(), "{untimed}");
+    let timed: serde_json::Value = serde_json::from_str(text.lines().nth(3).unwrap()).unwrap();
+    assert_eq!(timed["phase_seconds"]["backward"], 0.4, "{timed}");
+    assert_eq!(timed["peak_memory_bytes"], 40u64 << 30, "{timed}");
+    assert_eq!(
+        serde_json::from_value::<StepMetrics>(timed).unwrap(),
+        record(4, 0.25)
+    );
 
     // Resumed from the checkpoint at step 5: steps 6..8 are redone.
     let mut resumed = MetricsLog::open(&run_dir, 5).unwrap();

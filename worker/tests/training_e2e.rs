@@ -12,7 +12,7 @@ mod e2e_support;
 use std::path::Path;
 use std::time::Duration;
 
-use e2e_support::{check_exports, one_job_at_a_time, tiny_model, Job, JobSpec};
+use e2e_support::{check_exports, one_job_at_a_time, tiny_model, worker_bin, Job, JobSpec, TOKEN};
 use serde_json::Value;
 
 const JOB_LIMIT: Duration = Duration::from_secs(240);
@@ -216,8 +216,9 @@ fn expected_resume_batch(state: &Value) -> u64 {
     }
 }
 
-#[test]
-fn a_worker_killed_mid_epoch_is_replaced_and_the_job_resumes_from_the_last_checkpoint() {
+/// Kills worker 1 mid-epoch past a checkpoint, starts a replacement and checks that the job
+/// resumes from that checkpoint with an exact ledger. `survivor_flags` go to worker 0.
+fn kill_a_worker_mid_epoch_and_resume(survivor_flags: &[&str]) -> Job {
     let _one = one_job_at_a_time();
     let spec = JobSpec {
         items: 36,
@@ -227,7 +228,7 @@ fn a_worker_killed_mid_epoch_is_replaced_and_the_job_resumes_from_the_last_check
     };
     let mut job = Job::new(&spec);
     job.start_coordinator();
-    job.start_worker(0);
+    job.start_worker_with(0, survivor_flags);
     job.start_worker(1);
     wait_past_a_checkpoint(&job);
     Job::signal(job.workers[1].id(), "-KILL");
@@ -302,6 +303,108 @@ fn a_worker_killed_mid_epoch_is_replaced_and_the_job_resumes_from_the_last_check
         assert!(!folder.join("COMPLETE").exists());
     }
     assert!(job.run_dir().join("exports/model.safetensors").is_file());
+    job
+}
+
+#[test]
+fn a_worker_killed_mid_epoch_is_replaced_and_the_job_resumes_from_the_last_checkpoint() {
+    let job = kill_a_worker_mid_epoch_and_resume(&[]);
+    // Gloo survivors re-form in-process.
+    assert!(
+        !job.worker_log(0).contains("restarted for a regroup"),
+        "{}",
+        job.worker_log(0)
+    );
+}
+
+#[test]
+fn survivors_forced_onto_the_restart_path_replace_their_process_and_the_job_resumes() {
+    // The path NCCL workers take on every regroup, forced on Gloo.
+    let job = kill_a_worker_mid_epoch_and_resume(&["--restart-on-regroup"]);
+    let log = job.worker_log(0);
+    assert!(
+        log.contains("restarting this process to join it"),
+        "the survivor did not restart\n{log}"
+    );
+    assert!(
+        log.contains("worker process restarted for a regroup"),
+        "the replacement process did not start\n{log}"
+    );
+    // The new process loaded the model again and resumed from the checkpoint.
+    assert!(
+        log.matches("model loaded").count() >= 2,
+        "the restarted process did not load the model\n{log}"
+    );
+    assert!(log.contains("resumed from checkpoint"), "{log}");
+    // It joined under the same worker id: the coordinator never saw a new worker 0.
+    let joined = job
+        .coordinator_log()
+        .lines()
+        .filter(|line| line.contains(" joined") && line.contains("worker n0-0-"))
+        .count();
+    assert_eq!(joined, 1, "{}", job.coordinator_log());
+}
+
+/// `text` without ANSI colour sequences (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut characters = text.chars();
+    while let Some(character) = characters.next() {
+        if character == '\u{1b}' {
+            for sequence_character in characters.by_ref() {
+                if sequence_character.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+            continue;
+        }
+        plain.push(character);
+    }
+    plain
+}
+
+#[test]
+fn nproc_children_take_distinct_local_ranks_and_devices() {
+    // `--device cpu`: each child logs its local rank and device before it looks for the
+    // coordinator (none listens here).
+    for (device, expect_error) in [("cpu", false), ("cuda", true)] {
+        let output = std::process::Command::new(worker_bin())
+            .args(["train", "--coordinator", "127.0.0.1:1", "--nproc", "2"])
+            .args(["--connect-timeout-s", "1", "--device", device])
+            .env("ARBOR_TOKEN", TOKEN)
+            .env("RUST_LOG", "info")
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .output()
+            .unwrap();
+        let text = strip_ansi(&String::from_utf8_lossy(&output.stderr));
+        assert!(!output.status.success(), "{text}");
+        assert!(text.contains("2 of 2 local ranks failed"), "{text}");
+        for local_rank in 0..2 {
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|line| line.starts_with(&format!("[local {local_rank}] ")))
+                .collect();
+            if expect_error {
+                if tch::Cuda::device_count() > local_rank {
+                    continue;
+                }
+                // Refused before joining, naming the rank, its device and the visible count.
+                let refusal = format!("local rank {local_rank} needs cuda:{local_rank}");
+                assert!(
+                    lines.iter().any(|line| line.contains(&refusal)
+                        && line.contains("CUDA device(s) are visible")),
+                    "{text}"
+                );
+            } else {
+                assert!(
+                    lines.iter().any(|line| line.contains("device chosen")
+                        && line.contains(&format!("local_rank={local_rank}"))
+                        && line.contains("device=cpu")),
+                    "{text}"
+                );
+            }
+        }
+    }
 }
 
 /// Copies every file of `from` but COMPLETE into `to`, halving each (weights and optimizer state

@@ -4,6 +4,7 @@
 #include "guarded.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 
@@ -12,6 +13,11 @@
 #include <exception>
 #include <string>
 #include <vector>
+
+#ifdef ARBOR_C10D_NCCL
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 namespace {
 
@@ -60,6 +66,48 @@ int arbor_aten_reset_grads(void* const* tensors, size_t count, char** error_out)
     for (at::Tensor& tensor : tensor_list(tensors, count, "tensor")) {
       tensor.mutable_grad().reset();
     }
+  });
+  return ok ? 0 : -1;
+}
+
+int arbor_aten_set_autocast_dtype(int device_type, int scalar_type, char** error_out) {
+  bool ok = guarded(error_out, [&] {
+    auto device = static_cast<c10::DeviceType>(device_type);
+    TORCH_CHECK(device == c10::DeviceType::CPU || device == c10::DeviceType::CUDA,
+                "autocast device type ", device_type, " is neither CPU (0) nor CUDA (1)");
+    auto dtype = static_cast<c10::ScalarType>(scalar_type);
+    TORCH_CHECK(dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16,
+                "autocast dtype ", scalar_type, " is neither Half (5) nor BFloat16 (15)");
+    at::autocast::set_autocast_dtype(device, dtype);
+  });
+  return ok ? 0 : -1;
+}
+
+int arbor_aten_get_autocast_dtype(int device_type, int* scalar_type, char** error_out) {
+  bool ok = guarded(error_out, [&] {
+    TORCH_CHECK(scalar_type != nullptr, "scalar_type is null");
+    auto device = static_cast<c10::DeviceType>(device_type);
+    TORCH_CHECK(device == c10::DeviceType::CPU || device == c10::DeviceType::CUDA,
+                "autocast device type ", device_type, " is neither CPU (0) nor CUDA (1)");
+    *scalar_type = static_cast<int>(at::autocast::get_autocast_dtype(device));
+  });
+  return ok ? 0 : -1;
+}
+
+int arbor_aten_cuda_max_memory_allocated(int device, long long* peak_bytes, char** error_out) {
+  bool ok = guarded(error_out, [&] {
+    TORCH_CHECK(peak_bytes != nullptr, "peak_bytes is null");
+#ifdef ARBOR_C10D_NCCL
+    int count = static_cast<int>(c10::cuda::device_count());
+    TORCH_CHECK(device >= 0 && device < count, "cuda:", device, " is not one of the ", count,
+                " visible CUDA devices");
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
+    *peak_bytes = static_cast<long long>(
+        stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak);
+#else
+    (void)device;
+    TORCH_CHECK(false, "this build has no CUDA support (build arbor-worker with --features nccl)");
+#endif
   });
   return ok ? 0 : -1;
 }

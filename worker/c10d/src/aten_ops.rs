@@ -7,10 +7,14 @@
 //! - [`reset_grads`]: `zero_grad(set_to_none=True)`, torch's default: the next backward pass
 //!   writes fresh gradients instead of adding into zeroed ones, and a parameter outside the graph
 //!   keeps no gradient (so AdamW skips it, as torch does).
+//! - [`set_autocast_dtype`]: `torch.autocast(device_type, dtype=...)`'s dtype (tch's `autocast`
+//!   has no dtype, and libtorch's CUDA default is fp16; the trainer wants bf16).
+//! - [`cuda_max_memory_allocated`]: `torch.cuda.max_memory_allocated(device)` (builds with the
+//!   `nccl` feature, which compiles the shim with CUDA).
 
-use std::ffi::{c_char, c_void};
+use std::ffi::{c_char, c_int, c_longlong, c_void};
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::error::C10dError;
 use crate::ffi;
@@ -124,4 +128,83 @@ pub fn reset_grads(tensors: &[Tensor]) -> Result<(), C10dError> {
         ffi::arbor_aten_reset_grads(pointers.as_ptr(), pointers.len(), &mut error_message)
     };
     check(status, error_message, "resetting gradients", tensors.len())
+}
+
+/// The device type whose autocast dtype [`set_autocast_dtype`] sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutocastDevice {
+    Cpu,
+    Cuda,
+}
+
+impl AutocastDevice {
+    /// `c10::DeviceType`'s value.
+    fn device_type(self) -> c_int {
+        match self {
+            AutocastDevice::Cpu => 0,
+            AutocastDevice::Cuda => 1,
+        }
+    }
+}
+
+/// `c10::ScalarType`'s values of the two autocast dtypes.
+const SCALAR_TYPE_HALF: c_int = 5;
+const SCALAR_TYPE_BFLOAT16: c_int = 15;
+
+/// Sets the dtype that autocast regions on `device` cast to (process-wide, as
+/// `at::autocast::set_autocast_dtype`). Only `Kind::Half` and `Kind::BFloat16` are accepted.
+pub fn set_autocast_dtype(device: AutocastDevice, kind: Kind) -> Result<(), C10dError> {
+    let scalar_type = match kind {
+        Kind::Half => SCALAR_TYPE_HALF,
+        Kind::BFloat16 => SCALAR_TYPE_BFLOAT16,
+        other => {
+            return Err(C10dError::InvalidArgument {
+                field: "autocast dtype",
+                reason: format!("expected Half or BFloat16, got {other:?}"),
+            })
+        }
+    };
+    let mut error_message: *mut c_char = std::ptr::null_mut();
+    // SAFETY: plain integer arguments; the shim validates them before the call.
+    let status = unsafe {
+        ffi::arbor_aten_set_autocast_dtype(device.device_type(), scalar_type, &mut error_message)
+    };
+    check(status, error_message, "setting the autocast dtype", 0)
+}
+
+/// The dtype autocast regions on `device` cast to now (`None`: neither Half nor BFloat16).
+pub fn autocast_dtype(device: AutocastDevice) -> Result<Option<Kind>, C10dError> {
+    let mut scalar_type: c_int = -1;
+    let mut error_message: *mut c_char = std::ptr::null_mut();
+    // SAFETY: scalar_type outlives the call, which writes it on success only.
+    let status = unsafe {
+        ffi::arbor_aten_get_autocast_dtype(
+            device.device_type(),
+            &mut scalar_type,
+            &mut error_message,
+        )
+    };
+    check(status, error_message, "reading the autocast dtype", 0)?;
+    Ok(match scalar_type {
+        SCALAR_TYPE_HALF => Some(Kind::Half),
+        SCALAR_TYPE_BFLOAT16 => Some(Kind::BFloat16),
+        _ => None,
+    })
+}
+
+/// The most bytes the CUDA caching allocator has had allocated on `cuda:device` since the
+/// process started. An error in a build without CUDA support (no `nccl` feature).
+pub fn cuda_max_memory_allocated(device: usize) -> Result<u64, C10dError> {
+    let device = c_int::try_from(device).map_err(|_| C10dError::InvalidArgument {
+        field: "cuda device",
+        reason: format!("{device} is out of range"),
+    })?;
+    let mut peak_bytes: c_longlong = 0;
+    let mut error_message: *mut c_char = std::ptr::null_mut();
+    // SAFETY: peak_bytes outlives the call, which writes it on success only.
+    let status = unsafe {
+        ffi::arbor_aten_cuda_max_memory_allocated(device, &mut peak_bytes, &mut error_message)
+    };
+    check(status, error_message, "reading the CUDA peak memory", 0)?;
+    Ok(u64::try_from(peak_bytes).unwrap_or(0))
 }

@@ -86,6 +86,21 @@ extern "C" {
         count: usize,
         error_out: *mut *mut c_char,
     ) -> c_int;
+    pub(crate) fn arbor_aten_set_autocast_dtype(
+        device_type: c_int,
+        scalar_type: c_int,
+        error_out: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn arbor_aten_get_autocast_dtype(
+        device_type: c_int,
+        scalar_type: *mut c_int,
+        error_out: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn arbor_aten_cuda_max_memory_allocated(
+        device: c_int,
+        peak_bytes: *mut std::ffi::c_longlong,
+        error_out: *mut *mut c_char,
+    ) -> c_int;
     pub(crate) fn arbor_c10d_barrier(
         group: *mut RawGroup,
         timeout_ms: i64,

@@ -31,4 +31,6 @@ pub enum RuntimeError {
     Spawn { command: String, message: String },
     #[error("{0}")]
     LocalRanks(String),
+    #[error("restarting the worker process ({program}): {message}")]
+    Restart { program: String, message: String },
 }

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use crate::client::{connect, is_transient, Client};
 use crate::error::RuntimeError;
 use crate::heartbeat::{heartbeat_loop, send_heartbeat, Control, Progress, SharedProgress};
+use crate::restart::{inherited_worker_id, restart_count, ProcessRestart};
 use crate::trainer::{Batch, BatchItem, GroupInfo, Trainer};
 
 /// How this process joins a job.
@@ -36,6 +37,9 @@ pub struct WorkerOptions {
     pub tls_ca_pem: Option<Vec<u8>>,
     /// How long to keep retrying an unreachable coordinator.
     pub connect_timeout: Duration,
+    /// Replace the process on every regroup even when the trainer could re-form in-process
+    /// (`--restart-on-regroup`; NCCL trainers always restart).
+    pub restart_on_regroup: bool,
 }
 
 /// What a finished run did.
@@ -46,6 +50,9 @@ pub struct RunSummary {
     pub items_trained: u64,
     pub failed_items: u64,
     pub seconds: f64,
+    /// Set when the run ended for a regroup that this process must join as a new process: the
+    /// caller replaces the process ([`ProcessRestart::exec`]) without tearing anything down.
+    pub restart: Option<ProcessRestart>,
 }
 
 /// How a group's run ended.
@@ -70,16 +77,26 @@ pub fn run_worker(
         &options.token,
         options.tls_ca_pem.clone(),
     )?;
-    let worker_id = format!(
-        "{}-{}-{}-{:x}",
-        options.node,
-        options.local_rank,
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos()
-    );
+    // A restarted process keeps the id it joined under, so the coordinator sees a re-join.
+    let worker_id = inherited_worker_id().unwrap_or_else(|| {
+        format!(
+            "{}-{}-{}-{:x}",
+            options.node,
+            options.local_rank,
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .subsec_nanos()
+        )
+    });
+    let restarts = restart_count();
+    if restarts > 0 {
+        info!(
+            worker_id,
+            restarts, "worker process restarted for a regroup; joining again"
+        );
+    }
     let started = Instant::now();
     let mut summary = RunSummary::default();
     loop {
@@ -98,6 +115,16 @@ pub fn run_worker(
             trainer,
             &mut summary,
         )? {
+            GroupEnd::Regroup if options.restart_on_regroup || !trainer.regroups_in_process() => {
+                info!(
+                    worker_id,
+                    forced = options.restart_on_regroup,
+                    "the group re-forms: restarting this process to join it"
+                );
+                summary.seconds = started.elapsed().as_secs_f64();
+                summary.restart = Some(ProcessRestart { worker_id });
+                return Ok(summary);
+            }
             GroupEnd::Regroup => continue,
             GroupEnd::Finished => break,
         }
@@ -462,7 +489,9 @@ fn train_epochs(
             {
                 let mut state = lock(progress);
                 state.batches_done = done;
-                state.loss = outcome.loss;
+                if let Some(loss) = outcome.loss {
+                    state.loss = loss;
+                }
                 let rate = batch.items.len() as f64 / seconds;
                 state.items_per_second = if state.items_per_second == 0.0 {
                     rate

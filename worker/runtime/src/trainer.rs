@@ -60,7 +60,9 @@ pub struct GroupInfo {
 /// What one batch cost and gave.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BatchOutcome {
-    pub loss: f64,
+    /// The latest loss, when the trainer read one back with this batch (a GPU trainer reads its
+    /// losses back every few steps, not every batch); `None` keeps the last one reported.
+    pub loss: Option<f64>,
     /// Seconds spent waiting for data.
     pub data_wait_seconds: f64,
     /// Items that failed to load and were replaced (reported by the loader).
@@ -94,5 +96,10 @@ pub trait Trainer: Send {
     /// Called once when the job ends.
     fn finish(&mut self) -> Result<(), String> {
         Ok(())
+    }
+    /// Whether this trainer can join a re-formed group inside this process. `false` (NCCL)
+    /// makes the runtime replace the process on a regroup ([`crate::restart`]).
+    fn regroups_in_process(&self) -> bool {
+        true
     }
 }

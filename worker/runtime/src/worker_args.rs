@@ -17,6 +17,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::error::RuntimeError;
+use crate::restart::{RESTARTS_ENV, WORKER_ID_ENV};
 use crate::runtime::WorkerOptions;
 
 /// Where clients get the job token: `ARBOR_TOKEN` or `--token-file`, never a flag value.
@@ -85,6 +86,10 @@ pub struct WorkerArgs {
     /// Dataset root for manifest keys (defaults to the job's data.root or the manifest's folder).
     #[arg(long)]
     pub data_root: Option<PathBuf>,
+    /// On a regroup, replace this process (same arguments and worker id) instead of re-forming
+    /// the collectives in-process. Always done with NCCL; this forces it with Gloo too.
+    #[arg(long, env = "ARBOR_RESTART_ON_REGROUP")]
+    pub restart_on_regroup: bool,
 }
 
 impl WorkerArgs {
@@ -116,6 +121,7 @@ impl WorkerArgs {
             store_port,
             tls_ca_pem,
             connect_timeout: Duration::from_secs(self.connect_timeout_s),
+            restart_on_regroup: self.restart_on_regroup,
         })
     }
 
@@ -148,6 +154,9 @@ impl WorkerArgs {
         if let Some(path) = &self.data_root {
             push("--data-root", path.clone().into());
         }
+        if self.restart_on_regroup {
+            args.push("--restart-on-regroup".into());
+        }
         args
     }
 }
@@ -178,6 +187,9 @@ pub fn spawn_local_ranks(
             .args(leading_args)
             .args(args.child_args(local_rank))
             .args(trailing_args)
+            // Each child is a worker of its own (a restart id is never shared).
+            .env_remove(WORKER_ID_ENV)
+            .env_remove(RESTARTS_ENV)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         children.push(spawn_prefixed(command, &format!("[local {local_rank}] "))?);
@@ -261,6 +273,7 @@ mod tests {
             "/data",
             "--token-file",
             "/secrets/token",
+            "--restart-on-regroup",
         ])
         .unwrap();
         let child = Cli::try_parse_from(
@@ -278,6 +291,7 @@ mod tests {
             child.worker.token.token_file,
             Some(PathBuf::from("/secrets/token"))
         );
+        assert!(child.worker.restart_on_regroup);
     }
 
     #[test]

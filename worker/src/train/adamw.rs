@@ -60,6 +60,15 @@ struct ParameterState {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: u64,
+    /// `step` as the float32 scalar the fused kernel reads and increments, on the parameter's
+    /// device (as torch keeps it with `fused=True`), so a step copies nothing from the host.
+    step_on_device: Tensor,
+}
+
+/// The fused kernel's float32 step scalar for `step`, on `parameter`'s device (a fill on the
+/// device, no host-to-device copy).
+fn step_scalar(parameter: &Tensor, step: u64) -> Tensor {
+    Tensor::full([], step as f64, (Kind::Float, parameter.device()))
 }
 
 /// The optimizer: the parameters it updates in place and their moments.
@@ -91,6 +100,7 @@ impl AdamW {
                     exp_avg: parameter.zeros_like(),
                     exp_avg_sq: parameter.zeros_like(),
                     step: 0,
+                    step_on_device: step_scalar(parameter, 0),
                 })
                 .collect()
         });
@@ -141,7 +151,7 @@ impl AdamW {
     fn fused_step(&mut self, learning_rate: f64) -> Result<()> {
         let mut stepped = Vec::with_capacity(self.parameters.len());
         let (mut parameters, mut gradients) = (Vec::new(), Vec::new());
-        let (mut exp_avgs, mut exp_avg_sqs, mut step_counts) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut exp_avgs, mut exp_avg_sqs, mut steps) = (Vec::new(), Vec::new(), Vec::new());
         for (index, ((_, parameter), state)) in self.parameters.iter().zip(&self.states).enumerate()
         {
             let gradient = parameter.grad();
@@ -153,14 +163,12 @@ impl AdamW {
             gradients.push(gradient);
             exp_avgs.push(state.exp_avg.shallow_clone());
             exp_avg_sqs.push(state.exp_avg_sq.shallow_clone());
-            step_counts.push(state.step as f32);
+            steps.push(state.step_on_device.shallow_clone());
         }
-        let Some(device) = parameters.first().map(Tensor::device) else {
+        if parameters.is_empty() {
             return Ok(());
-        };
-        // The kernel reads (and first increments) one float32 scalar per parameter on its device:
-        // made from the step counts with a single transfer.
-        let steps = Tensor::from_slice(&step_counts).to_device(device).unbind(0);
+        }
+        // The kernel increments each step scalar, then reads it.
         let tensors = FusedAdamWTensors {
             parameters: &parameters,
             gradients: &gradients,
@@ -193,6 +201,10 @@ impl AdamW {
                 let context = || format!("adamw step of `{name}`");
                 let mut parameter = parameter.shallow_clone();
                 state.step += 1;
+                let _ = state
+                    .step_on_device
+                    .f_add_scalar_(1.0)
+                    .map_err(WorkerError::torch(context()))?;
                 if weight_decay != 0.0 {
                     let _ = parameter
                         .f_mul_scalar_(1.0 - learning_rate * weight_decay)
@@ -320,6 +332,7 @@ impl AdamW {
                 exp_avg,
                 exp_avg_sq,
                 step,
+                step_on_device: step_scalar(parameter, step),
             });
         }
         self.states = restored;

@@ -13,6 +13,7 @@ use arbor_data::batch_loader::Batch as LoadedBatch;
 use arbor_runtime::trainer::BatchItem;
 use tch::{Device, Tensor};
 
+use crate::device::host_to_device;
 use crate::error::{Result, WorkerError};
 use crate::train::caption_augment::CaptionAugment;
 
@@ -72,14 +73,13 @@ impl BatchInputs {
                 None => String::new(),
             })
             .collect();
-        let pixels = Tensor::from_slice(&loaded.pixels)
-            .view([
-                loaded.len() as i64,
-                3,
-                i64::from(loaded.bucket_height),
-                i64::from(loaded.bucket_width),
-            ])
-            .to_device(device);
+        let pixels = Tensor::from_slice(&loaded.pixels).view([
+            loaded.len() as i64,
+            3,
+            i64::from(loaded.bucket_height),
+            i64::from(loaded.bucket_width),
+        ]);
+        let pixels = host_to_device(&pixels, device)?;
         Ok(Self {
             pixels,
             captions,

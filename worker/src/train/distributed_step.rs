@@ -32,7 +32,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Result, WorkerError};
 use crate::train::adamw::AdamW;
 use crate::train::ema::Ema;
-use crate::train::grad_clip::clip_grad_norm;
+use crate::train::grad_clip::clip_grad_norm_on_device;
 
 /// The part of the schedule the optimizer step needs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,6 +49,15 @@ pub struct StepReport {
     /// The global L2 norm of the averaged gradients, before clipping (may be non-finite; the
     /// step is taken anyway, as torch's `clip_grad_norm_` with `error_if_nonfinite=False`).
     pub grad_norm: f64,
+    /// The optimizer's step count after this step.
+    pub optimizer_steps: u64,
+}
+
+/// [`StepReport`] before anything is read back from the device.
+#[derive(Debug)]
+pub struct DeviceStepReport {
+    /// The global L2 norm of the averaged gradients before clipping, a 0-dim tensor.
+    pub grad_norm: Tensor,
     /// The optimizer's step count after this step.
     pub optimizer_steps: u64,
 }
@@ -260,34 +269,60 @@ impl DistributedStep {
         if !closes_window {
             return Ok(None);
         }
+        self.reduce_closing(group)?;
+        let report = self.step_closing(optimizer, ema, learning_rate)?;
+        let grad_norm = report
+            .grad_norm
+            .f_double_value(&[])
+            .map_err(WorkerError::torch("measuring the gradient norm"))?;
+        Ok(Some(StepReport {
+            grad_norm,
+            optimizer_steps: report.optimizer_steps,
+        }))
+    }
+
+    /// The all-reduce of a closing micro-batch: averages the gradients over the group, unless
+    /// they were averaged during the backward pass. The first half of
+    /// [`DistributedStep::after_backward_closing`], for callers that time the two halves.
+    pub fn reduce_closing(&mut self, group: Option<&mut ProcessGroup>) -> Result<()> {
         let reduced = std::mem::take(&mut self.reduced_during_backward);
         if let Some(group) = group {
             if group.world_size() > 1 && !reduced {
                 self.average_gradients(group)?;
             }
         }
+        Ok(())
+    }
+
+    /// The optimizer step of a closing micro-batch, after [`DistributedStep::reduce_closing`]:
+    /// clip, AdamW, EMA and zeroing the gradients. Nothing waits for the device: the gradient
+    /// norm comes back as a 0-dim tensor.
+    pub fn step_closing(
+        &mut self,
+        optimizer: &mut AdamW,
+        ema: Option<&mut Ema>,
+        learning_rate: f64,
+    ) -> Result<DeviceStepReport> {
         let tensors: Vec<Tensor> = self
             .parameters
             .iter()
             .map(|(_, tensor)| tensor.shallow_clone())
             .collect();
-        let grad_norm = clip_grad_norm(&tensors, self.settings.max_grad_norm)?;
+        let grad_norm = clip_grad_norm_on_device(&tensors, self.settings.max_grad_norm)?;
         optimizer.step(learning_rate)?;
         if let Some(ema) = ema {
             ema.update(&self.parameters)?;
         }
         optimizer.zero_grad()?;
-        let report = StepReport {
-            grad_norm,
-            optimizer_steps: optimizer.step_count(),
-        };
         tracing::debug!(
-            optimizer_steps = report.optimizer_steps,
-            grad_norm = report.grad_norm,
+            optimizer_steps = optimizer.step_count(),
             learning_rate,
             "optimizer step"
         );
-        Ok(Some(report))
+        Ok(DeviceStepReport {
+            grad_norm,
+            optimizer_steps: optimizer.step_count(),
+        })
     }
 
     /// Replaces every gradient by its mean over the group, bucket by bucket: first the ranks

@@ -10,8 +10,18 @@ use tch::Tensor;
 use crate::error::{Result, WorkerError};
 
 /// Clips the gradients of `parameters` to a total L2 norm of `max_norm`; returns the total
-/// norm before clipping (0 when no parameter has a gradient).
+/// norm before clipping (0 when no parameter has a gradient). Reads the norm back to the host:
+/// the training loop uses [`clip_grad_norm_on_device`], which does not wait for the device.
 pub fn clip_grad_norm(parameters: &[Tensor], max_norm: f64) -> Result<f64> {
+    clip_grad_norm_on_device(parameters, max_norm)?
+        .f_double_value(&[])
+        .map_err(WorkerError::torch("measuring the gradient norm"))
+}
+
+/// [`clip_grad_norm`] without a host synchronisation: the total norm stays a 0-dim tensor on the
+/// gradients' device (a CPU zero when no parameter has a gradient), and the clip coefficient is
+/// applied on the device.
+pub fn clip_grad_norm_on_device(parameters: &[Tensor], max_norm: f64) -> Result<Tensor> {
     tch::no_grad(|| {
         let gradients: Vec<Tensor> = parameters
             .iter()
@@ -19,7 +29,7 @@ pub fn clip_grad_norm(parameters: &[Tensor], max_norm: f64) -> Result<f64> {
             .filter(Tensor::defined)
             .collect();
         let Some(first) = gradients.first() else {
-            return Ok(0.0);
+            return Ok(Tensor::from(0.0f64));
         };
         let device = first.device();
         let context = "measuring the gradient norm";
@@ -31,11 +41,8 @@ pub fn clip_grad_norm(parameters: &[Tensor], max_norm: f64) -> Result<f64> {
         let total_norm = Tensor::f_stack(&norms, 0)
             .and_then(|stacked| stacked.f_norm())
             .map_err(WorkerError::torch(context))?;
-        let total = total_norm
-            .f_double_value(&[])
-            .map_err(WorkerError::torch(context))?;
         if max_norm <= 0.0 {
-            return Ok(total);
+            return Ok(total_norm);
         }
         let coefficient = total_norm
             .f_add_scalar(1e-6)
@@ -50,6 +57,6 @@ pub fn clip_grad_norm(parameters: &[Tensor], max_norm: f64) -> Result<f64> {
                 .and_then(|coefficient| gradient.f_mul_(&coefficient))
                 .map_err(WorkerError::torch("scaling gradients"))?;
         }
-        Ok(total)
+        Ok(total_norm)
     })
 }

@@ -9,6 +9,7 @@
 //! is kept verbatim and counted, never lost.
 
 use crate::error::{Result, WorkerError};
+use crate::train::phase_clock::PhaseSeconds;
 use crate::train::run_dir::RunDir;
 
 /// The key of the log in the run directory.
@@ -35,6 +36,13 @@ pub struct StepMetrics {
     /// The bucket resolution, `"WxH"`.
     pub bucket: String,
     pub unix_time: f64,
+    /// The step's time by phase, on the steps `train.time_phases_every` times (this rank's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_seconds: Option<PhaseSeconds>,
+    /// The most bytes this rank's CUDA device has had allocated so far, on the steps whose loss
+    /// was read back (CUDA builds only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// How many prompts had how many tokens (without BOS/EOS): CLIP chunks of 75, up to the 225

@@ -14,6 +14,7 @@ pub mod grad_clip;
 pub mod loss_curve;
 pub mod lr_schedule;
 pub mod metrics_log;
+pub mod phase_clock;
 pub mod run_dir;
 pub mod run_exports;
 pub mod sample_grid;

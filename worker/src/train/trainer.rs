@@ -25,6 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arbor_c10d::aten_ops::cuda_max_memory_allocated;
 use arbor_c10d::{Backend, ProcessGroup, Store, StoreAddress};
 use arbor_common::assign::{Assigner, BucketedItems};
 use arbor_common::buckets::BucketTable;
@@ -34,7 +35,7 @@ use arbor_data::store::DatasetStore;
 use arbor_runtime::batch_fetch::BatchFetcher;
 use arbor_runtime::trainer::{Batch, BatchOutcome, GroupInfo, Trainer};
 use tch::{Device, Kind, Tensor};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::error::{Result, WorkerError};
 use crate::train::adamw::{AdamW, AdamWConfig};
@@ -44,10 +45,11 @@ use crate::train::checkpoint::{
     copy_tensors_by_name, read_checkpoint, write_checkpoint_part, CheckpointContents,
     CheckpointPosition,
 };
-use crate::train::distributed_step::{DistributedStep, StepReport, StepSettings};
+use crate::train::distributed_step::{DeviceStepReport, DistributedStep, StepSettings};
 use crate::train::ema::Ema;
 use crate::train::lr_schedule::LrSchedule;
 use crate::train::metrics_log::{MetricsLog, StepMetrics, TokenLengthHistogram};
+use crate::train::phase_clock::{Phase, PhaseClock, PhaseSeconds};
 use crate::train::run_dir::RunDir;
 use crate::train::run_exports::{step_exports_prefix, write_exports, EXPORTS_PREFIX};
 use crate::train::sampling::{write_loss_curve, write_samples, SampleSettings};
@@ -56,38 +58,18 @@ use crate::train::training_model::TrainingModel;
 /// Optimizer steps between rewrites of `metrics.jsonl` (it is also flushed at checkpoints,
 /// samples and the end).
 const METRICS_FLUSH_EVERY: u64 = 10;
-/// Optimizer steps between `step` log lines (the first few steps are always logged).
+/// Optimizer steps between `step` log lines (the first few steps are always logged), and between
+/// the read-backs of the steps' losses: no other step makes the host wait for the device.
 const LOG_EVERY: u64 = 10;
 /// How long `start` keeps retrying to form the process group before failing.
 const GROUP_FORMATION_DEADLINE: Duration = Duration::from_secs(300);
 
-/// Where the model runs (`--device`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    /// CUDA when available, else the CPU.
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl DeviceChoice {
-    pub fn resolve(self) -> Result<Device> {
-        match self {
-            DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Auto => Ok(Device::cuda_if_available()),
-            DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-            DeviceChoice::Cuda => Err(WorkerError::Input {
-                name: "--device".to_string(),
-                message: "cuda was requested but libtorch sees no CUDA device".to_string(),
-            }),
-        }
-    }
-}
-
 /// How the trainer runs, from the command line.
 #[derive(Debug, Clone)]
 pub struct TrainerOptions {
-    pub device: DeviceChoice,
+    /// The device this rank computes on ([`crate::device::DeviceChoice::resolve`] maps
+    /// `--device` and the local rank to it).
+    pub device: Device,
     /// `--data-root`: overrides `data.root` and the manifest's folder.
     pub data_root: Option<PathBuf>,
     /// Bound on the group rendezvous and on every collective; `None`: four heartbeat timeouts,
@@ -98,7 +80,7 @@ pub struct TrainerOptions {
 impl Default for TrainerOptions {
     fn default() -> Self {
         Self {
-            device: DeviceChoice::Auto,
+            device: Device::Cpu,
             data_root: None,
             collective_timeout: None,
         }
@@ -129,12 +111,32 @@ struct Session {
 #[derive(Default)]
 struct Window {
     micro_batches: u64,
-    loss_sum: f64,
+    /// The sum of the micro-batches' losses, on the device (read back with the step's record).
+    loss_sum: Option<Tensor>,
     images: u64,
     data_wait_seconds: f64,
     seconds: f64,
     failed_items: u32,
     histogram: TokenLengthHistogram,
+    /// The timed phases, when this window's step is timed.
+    phases: Option<PhaseSeconds>,
+}
+
+/// Optimizer steps whose loss and gradient norm are still on the device: their records are
+/// written when the values are read back together, every [`LOG_EVERY`] steps (and at the
+/// first steps, checkpoints and sample steps), so the host never waits for the device on the
+/// other steps.
+#[derive(Default)]
+struct PendingSteps {
+    /// Each step's record, with `loss` and `grad_norm` still to fill in.
+    records: Vec<StepMetrics>,
+    /// Each step's mean loss on this rank and its global gradient norm, 0-dim tensors.
+    losses: Vec<Tensor>,
+    grad_norms: Vec<Tensor>,
+    /// Time inside `train` and images trained (this rank) since the last read-back.
+    seconds: f64,
+    data_wait_seconds: f64,
+    images: u64,
 }
 
 /// The group as this process is part of it now.
@@ -157,6 +159,7 @@ pub struct TchTrainer {
     /// Optimizer steps done.
     step: u64,
     window: Window,
+    pending: PendingSteps,
     last_sampled_step: Option<u64>,
 }
 
@@ -234,6 +237,7 @@ impl TchTrainer {
             membership: Membership::default(),
             step: 0,
             window: Window::default(),
+            pending: PendingSteps::default(),
             last_sampled_step: None,
         }
     }
@@ -262,8 +266,7 @@ impl TchTrainer {
     }
 
     fn load_session(&self, config: &JobConfig) -> Result<Session> {
-        let device = self.options.device.resolve()?;
-        let model = TrainingModel::load(config, device)?;
+        let model = TrainingModel::load(config, self.options.device)?;
         let trainable = model.trainable();
         if trainable.is_empty() {
             return Err(WorkerError::Training(format!(
@@ -313,18 +316,14 @@ impl TchTrainer {
         if group.world_size <= 1 {
             return Ok(());
         }
-        let backend = if device.is_cuda() && Backend::Nccl.is_available() {
-            Backend::Nccl
-        } else {
-            if device.is_cuda() {
-                warn!(
-                    rank = group.rank,
-                    "arbor-worker was built without the nccl feature: gradients go through Gloo \
-                     on the CPU, far slower than NCCL between GPUs; rebuild with --features nccl"
-                );
-            }
-            Backend::Gloo
-        };
+        let backend = collective_backend(device);
+        if device.is_cuda() && backend == Backend::Gloo {
+            warn!(
+                rank = group.rank,
+                "arbor-worker was built without the nccl feature: gradients go through Gloo \
+                 on the CPU, far slower than NCCL between GPUs; rebuild with --features nccl"
+            );
+        }
         let address = StoreAddress::parse(&group.store_address)?;
         let rank = group.rank as usize;
         let world_size = group.world_size as usize;
@@ -436,6 +435,8 @@ impl TchTrainer {
         session.optimizer.zero_grad()?;
         session.step_driver = DistributedStep::new(&session.trainable, step_settings(config));
         self.window = Window::default();
+        // Steps not yet read back belong to the abandoned group and are rolled back.
+        self.pending = PendingSteps::default();
         if let Some(hypernetwork) = session.model.hypernetwork.as_mut() {
             hypernetwork.info.step = self.step as i64;
         }
@@ -485,9 +486,15 @@ impl TchTrainer {
         let started = Instant::now();
         let rank = self.membership.rank;
         let session = self.session.as_mut().ok_or_else(not_started)?;
+        let device = session.model.device;
+        let time_phases_every = session.config.train.time_phases_every;
+        // Every micro-batch of a timed step's window is timed.
+        let timed = time_phases_every > 0 && (self.step + 1) % time_phases_every == 0;
+        let mut clock = PhaseClock::start(device, timed);
         let seed = session.config.job.seed;
         let loaded = session.fetcher.load(batch)?;
         let data_wait_seconds = started.elapsed().as_secs_f64();
+        clock.lap(Phase::DataWait);
         for failure in &loaded.failures {
             warn!(rank, item = failure.id, key = %failure.key, reason = %failure.reason, "item failed to load; its slot repeats another item");
         }
@@ -497,7 +504,7 @@ impl TchTrainer {
             &session.augment,
             seed,
             batch.epoch,
-            session.model.device,
+            device,
         )?;
         tch::manual_seed(batch_seed(seed, batch.epoch, batch.index, rank));
         let model = &session.model;
@@ -505,15 +512,16 @@ impl TchTrainer {
         let context = model.encode_prompts(&inputs.captions, Some(&mut token_lengths))?;
         self.window.histogram.merge(&token_lengths);
         let latents = model.encode_images(&inputs.pixels);
+        clock.lap(Phase::Encode);
         let noise = latents.randn_like();
         let batch_size = latents.size()[0];
         let timesteps = Tensor::randint(
             model.schedule.num_train_timesteps(),
             [batch_size],
-            (Kind::Int64, model.device),
+            (Kind::Int64, device),
         );
         let loss = model.loss(&latents, &noise, &timesteps, &context)?;
-        let loss_value = loss.double_value(&[]);
+        clock.lap(Phase::Forward);
         // Each micro-batch weighs 1 / (its window's length), so a window's gradient is the
         // mean over its micro-batches, the epoch's last (shorter) window included.
         let window_len = batch.window_len(session.config.schedule.grad_accum);
@@ -527,6 +535,7 @@ impl TchTrainer {
         } else {
             1.0 / window_len as f64
         };
+        let detached_loss = loss.detach();
         let weighted_loss = loss * weight;
         let closes_window = batch.closes_window(session.config.schedule.grad_accum);
         session
@@ -535,25 +544,42 @@ impl TchTrainer {
         weighted_loss
             .f_backward()
             .map_err(WorkerError::torch("backpropagating the diffusion loss"))?;
+        clock.lap(Phase::Backward);
         let learning_rate = session.lr_schedule.learning_rate(self.step);
-        let report = session.step_driver.after_backward_closing(
-            self.group.as_mut(),
-            &mut session.optimizer,
-            session.ema.as_mut(),
-            learning_rate,
-            closes_window,
-        )?;
+        let step_report = if closes_window {
+            session.step_driver.reduce_closing(self.group.as_mut())?;
+            clock.lap(Phase::AllReduce);
+            let report = session.step_driver.step_closing(
+                &mut session.optimizer,
+                session.ema.as_mut(),
+                learning_rate,
+            )?;
+            clock.lap(Phase::Optimizer);
+            Some(report)
+        } else {
+            None
+        };
         let failed_items = loaded.failures.len() as u32;
         let window = &mut self.window;
         window.micro_batches += 1;
-        window.loss_sum += loss_value;
+        window.loss_sum = Some(match window.loss_sum.take() {
+            Some(sum) => sum + &detached_loss,
+            None => detached_loss,
+        });
         window.images += batch.items.len() as u64;
         window.data_wait_seconds += data_wait_seconds;
         window.seconds += started.elapsed().as_secs_f64();
         window.failed_items += failed_items;
-        if let Some(report) = report {
+        if let Some(phases) = clock.seconds() {
+            window
+                .phases
+                .get_or_insert_with(PhaseSeconds::default)
+                .add(&phases);
+        }
+        let mut loss_value = None;
+        if let Some(report) = step_report {
             self.step += 1;
-            self.after_optimizer_step(batch, report, learning_rate)?;
+            loss_value = self.after_optimizer_step(batch, report, learning_rate)?;
         }
         Ok(BatchOutcome {
             loss: loss_value,
@@ -564,92 +590,167 @@ impl TchTrainer {
         })
     }
 
-    /// Metrics, logs and samples of the optimizer step just taken.
+    /// Books the optimizer step just taken; reads the pending steps back (and logs, writes
+    /// their metrics and renders samples) when this step is one to read back. Returns the
+    /// group's mean loss of this step when it was read back.
     fn after_optimizer_step(
         &mut self,
         batch: &Batch,
-        report: StepReport,
+        report: DeviceStepReport,
         learning_rate: f64,
-    ) -> Result<()> {
+    ) -> Result<Option<f64>> {
         let window = std::mem::take(&mut self.window);
-        let mut loss = window.loss_sum / window.micro_batches.max(1) as f64;
         let session = self.session.as_mut().ok_or_else(not_started)?;
-        if let Some(group) = self.group.as_mut() {
-            // The group's mean loss, so the curve does not depend on rank 0's batches alone.
-            let device = if group.backend() == Backend::Nccl {
-                session.model.device
-            } else {
-                Device::Cpu
-            };
-            let mut tensors = [Tensor::from_slice(&[loss]).to_device(device)];
-            group.all_reduce_mean(&mut tensors)?;
-            loss = tensors[0].double_value(&[0]);
-        }
         let Membership {
             rank,
             world_size,
             generation,
         } = self.membership.clone();
         let step = self.step;
-        let seconds = window.seconds.max(1e-9);
-        // Ranks step in lockstep: the group's throughput is this rank's times the world size.
-        let images_per_second = window.images as f64 / seconds * f64::from(world_size);
-        let data_wait_fraction = (window.data_wait_seconds / seconds).clamp(0.0, 1.0);
-        let bucket = format!("{}x{}", batch.resolution.width, batch.resolution.height);
-        if step <= 5 || step % LOG_EVERY == 0 {
-            info!(
-                rank,
-                step,
-                epoch = batch.epoch,
-                batch = batch.index,
-                loss,
-                lr = learning_rate,
-                grad_norm = report.grad_norm,
-                images_per_second,
-                data_wait_fraction,
-                bucket = %bucket,
-                "step"
-            );
-        } else {
-            debug!(rank, step, loss, lr = learning_rate, "step");
-        }
-        if !loss.is_finite() {
-            warn!(rank, step, loss, "the loss is not finite");
-        }
-        if let Some(hypernetwork) = session.model.hypernetwork.as_mut() {
-            hypernetwork.info.step = step as i64;
-        }
-        let Some(metrics) = session.metrics.as_mut() else {
-            return Ok(());
-        };
-        metrics.append(StepMetrics {
+        let loss_sum = window
+            .loss_sum
+            .unwrap_or_else(|| Tensor::from(0.0f32).to_device(session.model.device));
+        let pending = &mut self.pending;
+        pending
+            .losses
+            .push(loss_sum / window.micro_batches.max(1) as f64);
+        pending.grad_norms.push(report.grad_norm);
+        pending.seconds += window.seconds;
+        pending.data_wait_seconds += window.data_wait_seconds;
+        pending.images += window.images;
+        pending.records.push(StepMetrics {
             step,
             epoch: batch.epoch,
             batch: batch.index,
             rank,
             world_size,
             generation,
-            loss,
+            loss: f64::NAN,
             lr: learning_rate,
-            grad_norm: report.grad_norm,
-            images_per_second,
-            data_wait_fraction,
+            grad_norm: f64::NAN,
+            images_per_second: 0.0,
+            data_wait_fraction: 0.0,
             token_length_histogram: window.histogram,
             failed_items: window.failed_items,
-            bucket,
-            unix_time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64(),
-        })?;
-        if step % METRICS_FLUSH_EVERY == 0 {
-            metrics.flush()?;
+            bucket: format!("{}x{}", batch.resolution.width, batch.resolution.height),
+            unix_time: unix_time_now(),
+            phase_seconds: window.phases,
+            peak_memory_bytes: None,
+        });
+        if let Some(hypernetwork) = session.model.hypernetwork.as_mut() {
+            hypernetwork.info.step = step as i64;
         }
         let every = session.config.samples.every;
-        if every > 0 && step % every == 0 {
+        let samples_due = every > 0 && step % every == 0;
+        // The same decision on every rank: the read-back all-reduces the losses.
+        if !(step <= 5 || step % LOG_EVERY == 0 || samples_due) {
+            return Ok(None);
+        }
+        let loss = self.read_back_pending_steps()?;
+        if samples_due {
             self.write_samples_and_curve();
         }
-        Ok(())
+        Ok(loss)
+    }
+
+    /// Reads the pending steps' losses (averaged over the group) and gradient norms back in one
+    /// transfer, logs the last step, and appends their records to the metrics on rank 0. Every
+    /// rank of the group calls it at the same steps. Returns the last step's loss.
+    fn read_back_pending_steps(&mut self) -> Result<Option<f64>> {
+        let pending = std::mem::take(&mut self.pending);
+        let count = pending.records.len();
+        if count == 0 {
+            return Ok(None);
+        }
+        let session = self.session.as_mut().ok_or_else(not_started)?;
+        let device = session.model.device;
+        let losses = Tensor::f_stack(&pending.losses, 0)
+            .and_then(|losses| losses.f_to_kind(Kind::Double))
+            .map_err(WorkerError::torch("gathering the steps' losses"))?;
+        let mut losses = match self.group.as_mut() {
+            // The group's mean loss, so the curve does not depend on rank 0's batches alone.
+            Some(group) => {
+                let group_device = if group.backend() == Backend::Nccl {
+                    device
+                } else {
+                    Device::Cpu
+                };
+                let mut tensors = [losses.to_device(group_device)];
+                group.all_reduce_mean(&mut tensors)?;
+                let [losses] = tensors;
+                losses
+            }
+            None => losses,
+        };
+        // Gradient norms are the same on every rank (computed from the averaged gradients).
+        let grad_norms = Tensor::f_stack(
+            &pending
+                .grad_norms
+                .iter()
+                .map(|norm| norm.to_device(losses.device()).to_kind(Kind::Double))
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .map_err(WorkerError::torch("gathering the steps' gradient norms"))?;
+        losses = Tensor::cat(&[losses, grad_norms], 0);
+        let values = Vec::<f64>::try_from(losses.to_device(Device::Cpu))
+            .map_err(WorkerError::torch("reading the steps' losses back"))?;
+        let peak_memory_bytes = match device {
+            Device::Cuda(index) => cuda_max_memory_allocated(index).ok(),
+            _ => None,
+        };
+        let Membership {
+            rank, world_size, ..
+        } = self.membership.clone();
+        let seconds = pending.seconds.max(1e-9);
+        // Ranks step in lockstep: the group's throughput is this rank's times the world size.
+        // The rate covers the whole stretch: single steps are not timed on an asynchronous device.
+        let images_per_second = pending.images as f64 / seconds * f64::from(world_size);
+        let data_wait_fraction = (pending.data_wait_seconds / seconds).clamp(0.0, 1.0);
+        let mut records = pending.records;
+        for (index, record) in records.iter_mut().enumerate() {
+            record.loss = values[index];
+            record.grad_norm = values[count + index];
+            record.images_per_second = images_per_second;
+            record.data_wait_fraction = data_wait_fraction;
+        }
+        if let Some(last) = records.last_mut() {
+            last.peak_memory_bytes = peak_memory_bytes;
+            info!(
+                rank,
+                step = last.step,
+                epoch = last.epoch,
+                batch = last.batch,
+                loss = last.loss,
+                lr = last.lr,
+                grad_norm = last.grad_norm,
+                images_per_second,
+                data_wait_fraction,
+                bucket = %last.bucket,
+                "step"
+            );
+        }
+        for record in &records {
+            if !record.loss.is_finite() {
+                warn!(
+                    rank,
+                    step = record.step,
+                    loss = record.loss,
+                    "the loss is not finite"
+                );
+            }
+        }
+        let last_loss = records.last().map(|record| record.loss);
+        if let Some(metrics) = session.metrics.as_mut() {
+            for record in records {
+                let step = record.step;
+                metrics.append(record)?;
+                if step % METRICS_FLUSH_EVERY == 0 {
+                    metrics.flush()?;
+                }
+            }
+        }
+        Ok(last_loss)
     }
 
     /// Rank 0: the sample grid of the current step and the loss curve. Failures are logged,
@@ -681,6 +782,8 @@ impl TchTrainer {
     }
 
     fn write_checkpoint(&mut self, step: u64, epoch: u64, batch: u64) -> Result<()> {
+        // Every rank checkpoints at the same batch: the metrics up to it are read back first.
+        self.read_back_pending_steps()?;
         let Membership {
             rank,
             world_size,
@@ -745,6 +848,9 @@ impl TchTrainer {
     fn finish_run(&mut self) -> Result<()> {
         self.group = None;
         self.store = None;
+        // The run's last step is a checkpoint, so this is normally empty; without the group, a
+        // remainder is booked with this rank's losses.
+        self.read_back_pending_steps()?;
         let step = self.step;
         if self.membership.rank != 0 {
             return Ok(());
@@ -775,6 +881,22 @@ fn write_session_exports(session: &Session, folder: &str) -> Result<Vec<String>>
         &session.model,
         ema_shadow.as_deref(),
     )
+}
+
+fn unix_time_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// NCCL for CUDA tensors when this build has it, else Gloo.
+fn collective_backend(device: Device) -> Backend {
+    if device.is_cuda() && Backend::Nccl.is_available() {
+        Backend::Nccl
+    } else {
+        Backend::Gloo
+    }
 }
 
 fn not_started() -> WorkerError {
@@ -860,5 +982,11 @@ impl Trainer for TchTrainer {
     fn finish(&mut self) -> std::result::Result<(), String> {
         self.finish_run()
             .map_err(|error| format!("finishing the run: {error}"))
+    }
+
+    /// NCCL groups re-form by restarting the process: a communicator whose peer died cannot be
+    /// relied on to abort in-process. Gloo re-forms under a new store prefix.
+    fn regroups_in_process(&self) -> bool {
+        collective_backend(self.options.device) == Backend::Gloo
     }
 }

@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use arbor_c10d::aten_ops::{set_autocast_dtype, AutocastDevice};
 use arbor_common::config::JobConfig;
 use tch::{nn, Device, Kind, Tensor};
 use tracing::info;
@@ -22,6 +23,7 @@ use tracing::info;
 use crate::attention::KvContextTransform;
 use crate::clip::ClipTextModel;
 use crate::ddpm::{DdpmSchedule, PredictionType};
+use crate::device::host_to_device;
 use crate::error::{Result, WorkerError};
 use crate::hypernetwork::module::{Activation, HypernetworkStructure, WeightInit};
 use crate::hypernetwork::shallow_penalty::ShallowPenalty;
@@ -66,20 +68,6 @@ impl TrainingMode {
 pub const UNET_PREFIX: &str = "unet.";
 pub const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
 pub const HYPERNETWORK_PREFIX: &str = "hypernetwork.";
-
-/// libtorch's `at::autocast::set_autocast_dtype(c10::DeviceType, c10::ScalarType)`: tch's
-/// `autocast` has no dtype argument and libtorch's CUDA default is fp16, so the trainer sets
-/// bf16 through the exported C++ symbol (both enums are `int8_t`-based).
-mod autocast_ffi {
-    extern "C" {
-        #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
-        pub fn set_autocast_dtype(device_type: i8, scalar_type: i8);
-    }
-    /// `c10::DeviceType::CUDA`.
-    pub const DEVICE_TYPE_CUDA: i8 = 1;
-    /// `c10::ScalarType::BFloat16`.
-    pub const SCALAR_TYPE_BFLOAT16: i8 = 15;
-}
 
 /// The components of a run, loaded once per process.
 pub struct TrainingModel {
@@ -167,7 +155,8 @@ impl TrainingModel {
             "v_prediction" => PredictionType::VPrediction,
             _ => PredictionType::Epsilon,
         };
-        let schedule = DdpmSchedule::new(&scheduler_config);
+        let mut schedule = DdpmSchedule::new(&scheduler_config);
+        schedule.keep_on(device);
         let train_text_encoder = mode == TrainingMode::Finetune && config.model.train_text_encoder;
         vae_store.freeze();
         if !train_text_encoder {
@@ -182,13 +171,9 @@ impl TrainingModel {
         };
         let autocast_bf16 = device.is_cuda() && config.train.mixed_precision == "bf16";
         if autocast_bf16 {
-            // SAFETY: a plain setter of libtorch's thread-independent autocast settings.
-            unsafe {
-                autocast_ffi::set_autocast_dtype(
-                    autocast_ffi::DEVICE_TYPE_CUDA,
-                    autocast_ffi::SCALAR_TYPE_BFLOAT16,
-                )
-            };
+            // tch's `autocast` has no dtype argument and libtorch's CUDA default is fp16.
+            set_autocast_dtype(AutocastDevice::Cuda, Kind::BFloat16)
+                .map_err(WorkerError::AtenOp)?;
         }
         let model = Self {
             device,
@@ -275,11 +260,7 @@ impl TrainingModel {
                 histogram.record(prompt_ids.len());
             }
         }
-        let framed = self
-            .framing
-            .frame_batch(&ids)
-            .to_tensor()
-            .to_device(self.device);
+        let framed = host_to_device(&self.framing.frame_batch(&ids).to_tensor(), self.device)?;
         self.encode_framed(&framed)
     }
 

@@ -323,6 +323,11 @@ steps = 2
     /// Starts `arbor-worker train` as the next worker (logs in `worker-<n>.log`, n counting
     /// every worker started, replacements included). Returns n.
     pub fn start_worker(&mut self, local_rank: u32) -> u32 {
+        self.start_worker_with(local_rank, &[])
+    }
+
+    /// [`Job::start_worker`] with extra flags for `arbor-worker train`.
+    pub fn start_worker_with(&mut self, local_rank: u32, extra_args: &[&str]) -> u32 {
         let number = self.started_workers;
         self.started_workers += 1;
         // The store port is `--store-port` plus the local rank: give each process a free one.
@@ -333,6 +338,7 @@ steps = 2
             .args(["--store-port", &store_port.to_string()])
             .args(["--connect-timeout-s", "60"])
             .args(["--device", "cpu", "--threads", "1"])
+            .args(extra_args)
             .env("ARBOR_TOKEN", TOKEN)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
