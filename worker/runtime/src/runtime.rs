@@ -1,5 +1,5 @@
 //! The worker's main loop: join → shard → sample → train → heartbeat → checkpoint, and back
-//! to join on a regroup (DESIGN §1 steps 3–6).
+//! to join on a regroup (docs/architecture.md §1 steps 3–6).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use crate::client::{connect, is_transient, Client};
 use crate::error::RuntimeError;
 use crate::heartbeat::{heartbeat_loop, send_heartbeat, Control, Progress, SharedProgress};
 use crate::restart::{inherited_worker_id, restart_count, ProcessRestart};
-use crate::trainer::{Batch, BatchItem, GroupInfo, Trainer};
+use crate::trainer::{Batch, BatchItem, BatchOutcome, GroupInfo, Trainer};
 
 /// How this process joins a job.
 #[derive(Debug, Clone)]
@@ -338,62 +338,109 @@ fn run_group(
         interval,
         stopped,
     ));
-    let end = train_epochs(
-        runtime, client, worker_id, reply, config, &table, trainer, &progress, summary,
-    );
+    let mut run = GroupRun {
+        runtime,
+        client,
+        worker_id,
+        reply,
+        config,
+        table,
+        trainer,
+        progress,
+        summary,
+        step: resume.step,
+    };
+    let end = run.train_epochs(resume.epoch);
     let _ = stop_heartbeats.send(true);
     end
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train_epochs(
-    runtime: &tokio::runtime::Runtime,
-    client: &Client,
-    worker_id: &str,
-    reply: &JoinReply,
-    config: &JobConfig,
-    table: &BucketTable,
-    trainer: &mut dyn Trainer,
-    progress: &SharedProgress,
-    summary: &mut RunSummary,
-) -> Result<GroupEnd, RuntimeError> {
-    let resume = reply.resume.clone().unwrap_or_default();
-    let schedule = &config.schedule;
-    let mut epoch = resume.epoch;
-    // Optimizer steps: one per accumulation window, windows counted per epoch (segment) from
-    // its first batch, so a checkpoint (always at a window's end) never holds half a window.
-    let mut step = resume.step;
-    loop {
-        if let Some(end) = obey(progress) {
-            return Ok(end);
+/// One group's run on this rank: what every step of the loop needs, so the steps are methods
+/// with names rather than functions of ten arguments.
+struct GroupRun<'a> {
+    runtime: &'a tokio::runtime::Runtime,
+    client: &'a Client,
+    worker_id: &'a str,
+    reply: &'a JoinReply,
+    config: &'a JobConfig,
+    table: BucketTable,
+    trainer: &'a mut dyn Trainer,
+    /// What the heartbeats report, and the coordinator's commands they bring back.
+    progress: SharedProgress,
+    summary: &'a mut RunSummary,
+    /// Optimizer steps done: one per accumulation window, windows counted per epoch (segment)
+    /// from its first batch, so a checkpoint (always at a window's end) never holds half a
+    /// window.
+    step: u64,
+}
+
+/// What fetching an epoch's shard led to.
+enum ShardFetch {
+    Received(Shard),
+    /// The group is over (regroup) or the job is (finished).
+    Ended(GroupEnd),
+}
+
+/// What training one batch led to.
+enum BatchEnd {
+    Continue,
+    Ended(GroupEnd),
+}
+
+impl GroupRun<'_> {
+    /// Trains epoch after epoch from `first_epoch` until the job ends or the group does.
+    fn train_epochs(&mut self, first_epoch: u64) -> Result<GroupEnd, RuntimeError> {
+        let mut epoch = first_epoch;
+        loop {
+            if let Some(end) = obey(&self.progress) {
+                return Ok(end);
+            }
+            let shard = match self.fetch_epoch_shard(epoch)? {
+                ShardFetch::Received(shard) => shard,
+                ShardFetch::Ended(end) => return Ok(end),
+            };
+            if let Some(end) = self.train_epoch(epoch, &shard)? {
+                return Ok(end);
+            }
+            epoch += 1;
+            if epoch >= self.config.schedule.epochs {
+                return Ok(self.wait_for_command());
+            }
         }
-        let shard = match runtime.block_on(fetch_shard(
-            client,
-            worker_id,
-            reply.generation,
-            reply.rank,
+    }
+
+    /// This rank's shard of `epoch`: a refusal that means "join again" ends the group.
+    fn fetch_epoch_shard(&self, epoch: u64) -> Result<ShardFetch, RuntimeError> {
+        let fetched = self.runtime.block_on(fetch_shard(
+            self.client,
+            self.worker_id,
+            self.reply.generation,
+            self.reply.rank,
             epoch,
-        )) {
-            Ok(shard) => shard,
+        ));
+        match fetched {
+            Ok(shard) => Ok(ShardFetch::Received(shard)),
             Err(status) if status.code() == tonic::Code::OutOfRange => {
-                return Ok(GroupEnd::Finished)
+                Ok(ShardFetch::Ended(GroupEnd::Finished))
             }
             Err(status)
                 if means_regroup(&status) || status.code() == tonic::Code::DeadlineExceeded =>
             {
                 info!(status = %status.message(), "shard refused; joining again");
-                return Ok(GroupEnd::Regroup);
+                Ok(ShardFetch::Ended(GroupEnd::Regroup))
             }
-            Err(status) => {
-                return Err(RuntimeError::Rpc {
-                    call: "Shard",
-                    status,
-                })
-            }
-        };
-        let header = shard.header;
+            Err(status) => Err(RuntimeError::Rpc {
+                call: "Shard",
+                status,
+            }),
+        }
+    }
+
+    /// The per-rank sampler over the shard, positioned at the header's start batch.
+    fn sampler(&self, epoch: u64, shard: &Shard) -> Result<RankSampler, RuntimeError> {
+        let header = &shard.header;
         let local = BucketedItems::from_assigned(
-            table.len(),
+            self.table.len(),
             shard
                 .items
                 .iter()
@@ -405,15 +452,22 @@ fn train_epochs(
             seed: header.seed,
             epoch,
             segment: header.segment,
-            rank: reply.rank,
+            rank: self.reply.rank,
         };
         let mut sampler =
-            RankSampler::from_shard(0..local.len() as u32, &local, table, key, header.bsz)
+            RankSampler::from_shard(0..local.len() as u32, &local, &self.table, key, header.bsz)
                 .map_err(|error| RuntimeError::InvalidShard(error.to_string()))?;
-        let total = sampler.total_batches();
         sampler.skip(header.start_batch);
+        Ok(sampler)
+    }
+
+    /// Trains the shard's batches from its start batch; `Some` when the group or job ended.
+    fn train_epoch(&mut self, epoch: u64, shard: &Shard) -> Result<Option<GroupEnd>, RuntimeError> {
+        let header = &shard.header;
+        let mut sampler = self.sampler(epoch, shard)?;
+        let total = sampler.total_batches();
         info!(
-            rank = reply.rank,
+            rank = self.reply.rank,
             epoch,
             segment = header.segment,
             shard_len = header.shard_len,
@@ -422,25 +476,25 @@ fn train_epochs(
             "shard received"
         );
         {
-            let mut state = lock(progress);
+            let mut state = lock(&self.progress);
             state.epoch = epoch;
             state.segment = header.segment;
             state.batches_done = header.start_batch;
             state.requested_checkpoint = None;
         }
         if total == 0 {
-            checkpoint(
-                runtime, client, worker_id, reply, &header, trainer, progress, epoch, 0, step,
-            )?;
+            if let Some(end) = self.checkpoint(header, epoch, 0)? {
+                return Ok(Some(end));
+            }
         }
         let mut last_batch_end = Instant::now();
         // The batch due now plus `prefetch_batches` drawn ahead, which the trainer may load
         // while this one trains.
-        let lookahead = config.data.prefetch_batches as usize;
+        let lookahead = self.config.data.prefetch_batches as usize;
         let mut pending: VecDeque<Batch> = VecDeque::with_capacity(lookahead + 1);
         loop {
-            if let Some(end) = obey(progress) {
-                return Ok(end);
+            if let Some(end) = obey(&self.progress) {
+                return Ok(Some(end));
             }
             while pending.len() <= lookahead {
                 let Some(batch_ref) = sampler.next_batch() else {
@@ -460,102 +514,179 @@ fn train_epochs(
                 });
             }
             let Some(batch) = pending.pop_front() else {
-                break;
+                return Ok(None);
             };
             if lookahead > 0 {
-                trainer.upcoming(pending.make_contiguous());
+                self.trainer.upcoming(pending.make_contiguous());
             }
-            let outcome = match trainer.train_batch(&batch) {
-                Ok(outcome) => outcome,
-                Err(error) => {
-                    warn!(rank = reply.rank, batch = batch.index, %error, "training failed; reporting and waiting for a regroup");
-                    lock(progress).error = error;
-                    runtime.block_on(send_heartbeat(client, worker_id, progress));
-                    return Ok(wait_for_command(
-                        runtime, client, worker_id, progress, config,
-                    ));
-                }
-            };
-            let window_closed = batch.closes_window(schedule.grad_accum);
-            if window_closed {
-                step += 1;
+            if let BatchEnd::Ended(end) = self.train_batch(&batch, header, &mut last_batch_end)? {
+                return Ok(Some(end));
             }
-            summary.batches_trained += 1;
-            summary.items_trained += batch.items.len() as u64;
-            summary.failed_items += u64::from(outcome.failed_items);
-            let seconds = last_batch_end.elapsed().as_secs_f64().max(1e-9);
-            last_batch_end = Instant::now();
-            let done = batch.index + 1;
-            {
-                let mut state = lock(progress);
-                state.batches_done = done;
-                if let Some(loss) = outcome.loss {
-                    state.loss = loss;
-                }
-                let rate = batch.items.len() as f64 / seconds;
-                state.items_per_second = if state.items_per_second == 0.0 {
-                    rate
-                } else {
-                    0.8 * state.items_per_second + 0.2 * rate
-                };
-                state.data_wait_seconds += outcome.data_wait_seconds;
-                if let Some(learning_rate) = outcome.learning_rate {
-                    state.learning_rate = learning_rate;
-                }
-                for (total, count) in state
-                    .token_length_counts
-                    .iter_mut()
-                    .zip(outcome.token_length_counts)
-                {
-                    *total += count;
-                }
-                state.completed.push(CompletedBatch {
-                    batch: batch.index,
-                    item_ids: batch.items.iter().map(|i| i.id).collect(),
-                });
+        }
+    }
+
+    /// Trains one batch, reports it, and checkpoints when the plan or the coordinator says so.
+    fn train_batch(
+        &mut self,
+        batch: &Batch,
+        header: &ShardHeader,
+        last_batch_end: &mut Instant,
+    ) -> Result<BatchEnd, RuntimeError> {
+        let schedule = &self.config.schedule;
+        let outcome = match self.trainer.train_batch(batch) {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                warn!(rank = self.reply.rank, batch = batch.index, %error, "training failed; reporting and waiting for a regroup");
+                lock(&self.progress).error = error;
+                self.runtime
+                    .block_on(send_heartbeat(self.client, self.worker_id, &self.progress));
+                return Ok(BatchEnd::Ended(self.wait_for_command()));
             }
-            let steps_exhausted = schedule.max_steps.is_some_and(|max| step >= max);
-            // The coordinator decides: the plan's schedule (`checkpoint_every` optimizer steps,
-            // max_steps, the epoch's end) came with the shard, and checkpoints it asks for
-            // later come with heartbeats. Both are window ends, so a resume starts on one.
-            let requested = lock(progress).requested_checkpoint.filter(|requested| {
-                requested.epoch == epoch && requested.segment == header.segment
+        };
+        let window_closed = batch.closes_window(schedule.grad_accum);
+        if window_closed {
+            self.step += 1;
+        }
+        let seconds = last_batch_end.elapsed().as_secs_f64().max(1e-9);
+        *last_batch_end = Instant::now();
+        let done = batch.index + 1;
+        self.record_batch(batch, &outcome, seconds);
+        let steps_exhausted = schedule.max_steps.is_some_and(|max| self.step >= max);
+        // The coordinator decides: the plan's schedule (`checkpoint_every` optimizer steps,
+        // max_steps, the epoch's end) came with the shard, and checkpoints it asks for later
+        // come with heartbeats. Both are window ends, so a resume starts on one.
+        let epoch = batch.epoch;
+        let requested = lock(&self.progress)
+            .requested_checkpoint
+            .filter(|requested| requested.epoch == epoch && requested.segment == header.segment);
+        let requested_now = requested.is_some_and(|requested| requested.batch == done);
+        if requested_now && !window_closed {
+            warn!(
+                batch = done,
+                "the requested checkpoint is not at a window's end; skipped"
+            );
+        }
+        let checkpoint_due = window_closed
+            && (header.checkpoint_batches.binary_search(&done).is_ok() || requested_now);
+        if checkpoint_due {
+            if let Some(end) = self.checkpoint(header, epoch, done)? {
+                return Ok(BatchEnd::Ended(end));
+            }
+            let export_requested =
+                requested_now && requested.is_some_and(|requested| requested.export);
+            if export_requested {
+                self.trainer
+                    .export(self.step)
+                    .map_err(RuntimeError::Trainer)?;
+            }
+        }
+        if steps_exhausted {
+            info!(step = self.step, "max_steps reached");
+            return Ok(BatchEnd::Ended(self.wait_for_command()));
+        }
+        Ok(BatchEnd::Continue)
+    }
+
+    /// Books a trained batch in the run summary and in what the heartbeats report.
+    fn record_batch(&mut self, batch: &Batch, outcome: &BatchOutcome, seconds: f64) {
+        self.summary.batches_trained += 1;
+        self.summary.items_trained += batch.items.len() as u64;
+        self.summary.failed_items += u64::from(outcome.failed_items);
+        let mut state = lock(&self.progress);
+        state.batches_done = batch.index + 1;
+        if let Some(loss) = outcome.loss {
+            state.loss = loss;
+        }
+        let rate = batch.items.len() as f64 / seconds;
+        state.items_per_second = if state.items_per_second == 0.0 {
+            rate
+        } else {
+            0.8 * state.items_per_second + 0.2 * rate
+        };
+        state.data_wait_seconds += outcome.data_wait_seconds;
+        if let Some(learning_rate) = outcome.learning_rate {
+            state.learning_rate = learning_rate;
+        }
+        for (total, count) in state
+            .token_length_counts
+            .iter_mut()
+            .zip(outcome.token_length_counts)
+        {
+            *total += count;
+        }
+        state.completed.push(CompletedBatch {
+            batch: batch.index,
+            item_ids: batch.items.iter().map(|i| i.id).collect(),
+        });
+    }
+
+    /// After the last batch (or a failure), heartbeats until the coordinator says what comes
+    /// next.
+    fn wait_for_command(&self) -> GroupEnd {
+        let interval = Duration::from_secs_f64(self.config.cluster.heartbeat_interval_s.min(0.5));
+        loop {
+            self.runtime.block_on(async {
+                send_heartbeat(self.client, self.worker_id, &self.progress).await;
+                tokio::time::sleep(interval).await;
             });
-            let requested_now = requested.is_some_and(|requested| requested.batch == done);
-            if requested_now && !window_closed {
-                warn!(
-                    batch = done,
-                    "the requested checkpoint is not at a window's end; skipped"
-                );
-            }
-            let checkpoint_due = window_closed
-                && (header.checkpoint_batches.binary_search(&done).is_ok() || requested_now);
-            if checkpoint_due {
-                if let Some(end) = checkpoint(
-                    runtime, client, worker_id, reply, &header, trainer, progress, epoch, done,
-                    step,
-                )? {
-                    return Ok(end);
-                }
-                let export_requested =
-                    requested_now && requested.is_some_and(|requested| requested.export);
-                if export_requested {
-                    trainer.export(step).map_err(RuntimeError::Trainer)?;
-                }
-            }
-            if steps_exhausted {
-                info!(step, "max_steps reached");
-                return Ok(wait_for_command(
-                    runtime, client, worker_id, progress, config,
-                ));
+            if let Some(end) = obey(&self.progress) {
+                return end;
             }
         }
-        epoch += 1;
-        if epoch >= schedule.epochs {
-            return Ok(wait_for_command(
-                runtime, client, worker_id, progress, config,
-            ));
-        }
+    }
+
+    /// Writes this rank's checkpoint part at batch `batch` of `epoch`, flushes the ledger and
+    /// reports CheckpointDone.
+    fn checkpoint(
+        &mut self,
+        header: &ShardHeader,
+        epoch: u64,
+        batch: u64,
+    ) -> Result<Option<GroupEnd>, RuntimeError> {
+        let step = self.step;
+        self.trainer
+            .checkpoint(step, epoch, batch)
+            .map_err(RuntimeError::Trainer)?;
+        let request = CheckpointDoneRequest {
+            worker_id: self.worker_id.to_string(),
+            generation: self.reply.generation,
+            rank: self.reply.rank,
+            epoch,
+            segment: header.segment,
+            batch,
+            step,
+        };
+        let (client, worker_id, progress) = (self.client, self.worker_id, &self.progress);
+        self.runtime.block_on(async {
+            // The ledger must hold every batch the checkpoint covers before it completes.
+            for _ in 0..50 {
+                send_heartbeat(client, worker_id, progress).await;
+                if lock(progress).completed.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut attempts = 0;
+            loop {
+                match client.clone().checkpoint_done(request.clone()).await {
+                    Ok(_) => return Ok(None),
+                    Err(status) if means_regroup(&status) => return Ok(Some(GroupEnd::Regroup)),
+                    Err(status) if status.code() == tonic::Code::OutOfRange => {
+                        return Ok(Some(GroupEnd::Finished))
+                    }
+                    Err(status) if is_transient(&status) && attempts < 50 => {
+                        attempts += 1;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(status) => {
+                        return Err(RuntimeError::Rpc {
+                            call: "CheckpointDone",
+                            status,
+                        })
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -565,82 +696,4 @@ fn obey(progress: &SharedProgress) -> Option<GroupEnd> {
         Control::Regroup(_) => Some(GroupEnd::Regroup),
         Control::Stop(_) => Some(GroupEnd::Finished),
     }
-}
-
-/// After the last batch (or a failure), heartbeats until the coordinator says what comes next.
-fn wait_for_command(
-    runtime: &tokio::runtime::Runtime,
-    client: &Client,
-    worker_id: &str,
-    progress: &SharedProgress,
-    config: &JobConfig,
-) -> GroupEnd {
-    let interval = Duration::from_secs_f64(config.cluster.heartbeat_interval_s.min(0.5));
-    loop {
-        runtime.block_on(async {
-            send_heartbeat(client, worker_id, progress).await;
-            tokio::time::sleep(interval).await;
-        });
-        if let Some(end) = obey(progress) {
-            return end;
-        }
-    }
-}
-
-/// Writes this rank's checkpoint part, flushes the ledger and reports CheckpointDone.
-#[allow(clippy::too_many_arguments)]
-fn checkpoint(
-    runtime: &tokio::runtime::Runtime,
-    client: &Client,
-    worker_id: &str,
-    reply: &JoinReply,
-    header: &ShardHeader,
-    trainer: &mut dyn Trainer,
-    progress: &SharedProgress,
-    epoch: u64,
-    batch: u64,
-    step: u64,
-) -> Result<Option<GroupEnd>, RuntimeError> {
-    trainer
-        .checkpoint(step, epoch, batch)
-        .map_err(RuntimeError::Trainer)?;
-    let request = CheckpointDoneRequest {
-        worker_id: worker_id.to_string(),
-        generation: reply.generation,
-        rank: reply.rank,
-        epoch,
-        segment: header.segment,
-        batch,
-        step,
-    };
-    runtime.block_on(async {
-        // The ledger must hold every batch the checkpoint covers before it completes.
-        for _ in 0..50 {
-            send_heartbeat(client, worker_id, progress).await;
-            if lock(progress).completed.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let mut attempts = 0;
-        loop {
-            match client.clone().checkpoint_done(request.clone()).await {
-                Ok(_) => return Ok(None),
-                Err(status) if means_regroup(&status) => return Ok(Some(GroupEnd::Regroup)),
-                Err(status) if status.code() == tonic::Code::OutOfRange => {
-                    return Ok(Some(GroupEnd::Finished))
-                }
-                Err(status) if is_transient(&status) && attempts < 50 => {
-                    attempts += 1;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(status) => {
-                    return Err(RuntimeError::Rpc {
-                        call: "CheckpointDone",
-                        status,
-                    })
-                }
-            }
-        }
-    })
 }
