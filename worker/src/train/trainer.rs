@@ -1,5 +1,5 @@
-//! [`TchTrainer`]: the training loop of `arbor-worker train` (DESIGN §4, §5), driven batch by
-//! batch by the worker runtime (`arbor_runtime::runtime::run_worker`) through the
+//! [`TchTrainer`]: the training loop of `arbor-worker train` (docs/architecture.md §4, §5), driven
+//! batch by batch by the worker runtime (`arbor_runtime::runtime::run_worker`) through the
 //! [`Trainer`] trait.
 //!
 //! - `start` (after every formation of the group): the first call loads the model once
@@ -10,7 +10,7 @@
 //!   weights, so survivors of a failure roll back to the same state as a restarted process.
 //! - `train_batch`: load and crop the images at the bucket resolution (arbor-data; failed items
 //!   are reported, never fatal), augment and encode the captions, VAE-encode, noise at
-//!   per-sample timesteps drawn from a stream seeded by (job seed, micro-step, rank), the
+//!   per-sample timesteps drawn from a stream seeded by (job seed, epoch, batch, rank), the
 //!   diffusion loss, backward, and [`DistributedStep`] (all-reduce, clip, AdamW, EMA) on the
 //!   final micro-step of each accumulation window; then metrics, logs, and on rank 0 the
 //!   sample grid and loss curve every `samples.every` steps.
@@ -141,7 +141,7 @@ struct PendingSteps {
 
 /// The group as this process is part of it now.
 #[derive(Debug, Clone, Default)]
-struct Membership {
+struct RankPosition {
     rank: u32,
     world_size: u32,
     generation: u64,
@@ -155,7 +155,7 @@ pub struct TchTrainer {
     /// The TCPStore this process holds (hosts on rank 0), reused across regroups while the
     /// store address stays the same.
     store: Option<Arc<Store>>,
-    membership: Membership,
+    position: RankPosition,
     /// Optimizer steps done.
     step: u64,
     window: Window,
@@ -168,7 +168,7 @@ impl std::fmt::Debug for TchTrainer {
         formatter
             .debug_struct("TchTrainer")
             .field("options", &self.options)
-            .field("membership", &self.membership)
+            .field("position", &self.position)
             .field("step", &self.step)
             .field("loaded", &self.session.is_some())
             .finish()
@@ -234,7 +234,7 @@ impl TchTrainer {
             session: None,
             group: None,
             store: None,
-            membership: Membership::default(),
+            position: RankPosition::default(),
             step: 0,
             window: Window::default(),
             pending: PendingSteps::default(),
@@ -456,7 +456,7 @@ impl TchTrainer {
             session.lr_schedule = lr_schedule(config, group.world_size)?;
             session.samples = SampleSettings::from_config(config)?;
         }
-        self.membership = Membership {
+        self.position = RankPosition {
             rank: group.rank,
             world_size: group.world_size.max(1),
             generation: group.generation,
@@ -484,7 +484,7 @@ impl TchTrainer {
 
     fn train(&mut self, batch: &Batch) -> Result<BatchOutcome> {
         let started = Instant::now();
-        let rank = self.membership.rank;
+        let rank = self.position.rank;
         let session = self.session.as_mut().ok_or_else(not_started)?;
         let device = session.model.device;
         let time_phases_every = session.config.train.time_phases_every;
@@ -601,11 +601,11 @@ impl TchTrainer {
     ) -> Result<Option<f64>> {
         let window = std::mem::take(&mut self.window);
         let session = self.session.as_mut().ok_or_else(not_started)?;
-        let Membership {
+        let RankPosition {
             rank,
             world_size,
             generation,
-        } = self.membership.clone();
+        } = self.position.clone();
         let step = self.step;
         let loss_sum = window
             .loss_sum
@@ -699,9 +699,9 @@ impl TchTrainer {
             Device::Cuda(index) => cuda_max_memory_allocated(index).ok(),
             _ => None,
         };
-        let Membership {
+        let RankPosition {
             rank, world_size, ..
-        } = self.membership.clone();
+        } = self.position.clone();
         let seconds = pending.seconds.max(1e-9);
         // Ranks step in lockstep: the group's throughput is this rank's times the world size.
         // The rate covers the whole stretch: single steps are not timed on an asynchronous device.
@@ -784,11 +784,11 @@ impl TchTrainer {
     fn write_checkpoint(&mut self, step: u64, epoch: u64, batch: u64) -> Result<()> {
         // Every rank checkpoints at the same batch: the metrics up to it are read back first.
         self.read_back_pending_steps()?;
-        let Membership {
+        let RankPosition {
             rank,
             world_size,
             generation,
-        } = self.membership.clone();
+        } = self.position.clone();
         let session = self.session.as_mut().ok_or_else(not_started)?;
         if step != self.step {
             warn!(
@@ -852,7 +852,7 @@ impl TchTrainer {
         // remainder is booked with this rank's losses.
         self.read_back_pending_steps()?;
         let step = self.step;
-        if self.membership.rank != 0 {
+        if self.position.rank != 0 {
             return Ok(());
         }
         let needs_samples = self.last_sampled_step != Some(step) && step > 0;
@@ -954,7 +954,7 @@ impl Trainer for TchTrainer {
         self.train(batch).map_err(|error| {
             format!(
                 "rank {} epoch {} batch {}: {error}",
-                self.membership.rank, batch.epoch, batch.index
+                self.position.rank, batch.epoch, batch.index
             )
         })
     }
@@ -965,7 +965,7 @@ impl Trainer for TchTrainer {
     }
 
     fn export(&mut self, step: u64) -> std::result::Result<(), String> {
-        if self.membership.rank != 0 {
+        if self.position.rank != 0 {
             return Ok(());
         }
         let session = self
