@@ -9,9 +9,9 @@
 #   demo/runs/hypernetwork/ phase 2: trains an AUTOMATIC1111 hypernetwork on the phase-1 model
 #
 # Each run directory holds job.toml, state.json, ledger/, metrics.jsonl, loss.png, samples/,
-# checkpoints/ and exports/ (DESIGN §7). Re-running reuses the venv, the binaries, the dataset and
-# the model; a finished run is trained again from scratch, an interrupted one (Ctrl-C) resumes
-# from its last complete checkpoint.
+# checkpoints/ and exports/ (docs/architecture.md §7). Re-running reuses the venv, the binaries,
+# the dataset and the model; a finished run is trained again from scratch, an interrupted one
+# (Ctrl-C) resumes from its last complete checkpoint.
 #
 #   scripts/demo.sh [--dry-run] [--phases "finetune hypernetwork"]
 #     --dry-run   runs the same job without a model (`arbor worker --dry-run`): join, shards,

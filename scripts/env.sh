@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Environment for building and testing the worker crate (tch 0.26) against the libtorch 2.13.0
-# that scripts/setup.sh installs into the project's virtualenv (DESIGN §8). Source it:
+# that scripts/setup.sh installs into the project's virtualenv (docs/architecture.md §8). Source it:
 #   source scripts/env.sh
 # On a GPU node the same variables apply: the PyPI torch==2.13.0 wheel is a CUDA 13 build.
 arbor_repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

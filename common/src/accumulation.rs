@@ -6,7 +6,7 @@
 //! step happens at every window's end, and a checkpoint may only fall on one: a checkpoint in
 //! the middle of a window would lose that window's pending gradients.
 //!
-//! The coordinator decides when ranks checkpoint (DESIGN §1 step 6); it uses
+//! The coordinator decides when ranks checkpoint (docs/architecture.md §1 step 6); it uses
 //! [`scheduled_checkpoints`] for `schedule.checkpoint_every` and [`window_end_at_or_after`] for
 //! checkpoints it asks for while a plan runs. Workers use the same functions to know when a
 //! window closes, so both sides agree without talking.

@@ -1,4 +1,4 @@
-//! Assigning images to buckets (DESIGN §2 "Assignment").
+//! Assigning images to buckets (docs/architecture.md §2 "Assignment").
 //!
 //! An image of aspect `a = width / height` (f64) goes to the bucket minimising `|a_b - a|`
 //! (the default `linear` metric) or `|ln a_b - ln a|` (`log`); an exact tie goes to the lowest

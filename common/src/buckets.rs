@@ -1,4 +1,4 @@
-//! The aspect-ratio bucket table (DESIGN §2 "Bucket generation"), as NovelAI's
+//! The aspect-ratio bucket table (docs/architecture.md §2 "Bucket generation"), as NovelAI's
 //! `bucketmanager.py` builds it.
 //!
 //! For `w = min_dim, min_dim + step, …` while `w <= max_dim` and `w * min_dim <= max_area`, take

@@ -1,4 +1,4 @@
-//! The job configuration, `job.toml` (DESIGN §7), validated once at the edge.
+//! The job configuration, `job.toml` (docs/architecture.md §7), validated once at the edge.
 //!
 //! Every key can be overridden by an environment variable `ARBOR_<SECTION>_<KEY>` (for example
 //! `ARBOR_CLUSTER_MIN_WORKERS=2`) and by a flag (`--set cluster.min_workers=2`); see
@@ -65,7 +65,7 @@ pub struct JobSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// The JSON Lines manifest (DESIGN §7).
+    /// The JSON Lines manifest (docs/architecture.md §7).
     pub manifest: String,
     /// The dataset root that manifest keys are relative to; defaults to the manifest's folder.
     #[serde(default)]
@@ -779,7 +779,8 @@ fn parse_scalar(text: &str) -> toml::Value {
     }
 }
 
-/// The documented example of DESIGN §7, used by tests and `arbor coordinator --example-config`.
+/// The documented example (`deploy/job.example.toml`, docs/architecture.md §7), used by tests and
+/// `arbor coordinator --example-config`.
 pub const EXAMPLE_CONFIG: &str = include_str!("../../deploy/job.example.toml");
 
 /// Returns a map section → keys of every known config key, for docs and CLI checks.

@@ -1,4 +1,5 @@
-//! Image fit geometry (DESIGN §2 "Image fit"): pure functions the loader and the planner share.
+//! Image fit geometry (docs/architecture.md §2 "Image fit"): pure functions the loader and the
+//! planner share.
 //!
 //! An image of `width x height` trained in a bucket of `bucket_width x bucket_height` is scaled by
 //! `s = max(bw / w, bh / h)` so that it covers the bucket while keeping its aspect ratio, resized

@@ -1,6 +1,6 @@
 //! `arbor-common`: the libtorch-free core of arbor.
 //!
-//! The modules follow the data flow of one epoch (DESIGN §2):
+//! The modules follow the data flow of one epoch (docs/architecture.md §2):
 //! [`buckets`] (the resolution table) → [`assign`] (image → bucket, pruning) → [`permutation`]
 //! (the keyed epoch order) → [`plan`] (trim and strided shards, elastic re-shards) →
 //! [`sampler`] (per-rank bucket lists, catch-all and batch draws) → [`crop`] (how each image

@@ -1,4 +1,4 @@
-//! The dataset manifest (DESIGN §7): JSON Lines, one record per item.
+//! The dataset manifest (docs/architecture.md §7): JSON Lines, one record per item.
 //!
 //! ```json
 //! {"id": 17, "key": "images/0017.png", "width": 832, "height": 1216, "caption": "1girl, red dress"}

@@ -1,4 +1,4 @@
-//! The epoch permutation: a keyed bijection over `0..len` (DESIGN §2 "Epoch plan").
+//! The epoch permutation: a keyed bijection over `0..len` (docs/architecture.md §2 "Epoch plan").
 //!
 //! Algorithm `arbor-feistel-v1`, a pure function of `(seed, epoch, segment)` and `len`:
 //!

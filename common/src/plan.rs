@@ -1,5 +1,5 @@
-//! The epoch plan: permute, trim and shard (DESIGN §2 "Epoch plan" and "Resume and
-//! elasticity").
+//! The epoch plan: permute, trim and shard (docs/architecture.md §2 "Epoch plan"
+//! and "Resume and elasticity").
 //!
 //! An epoch plan orders the kept items with the [`FeistelPermutation`] of
 //! `(seed, epoch, segment)`, drops the tail so the length is a multiple of `world_size * bsz`,

@@ -1,5 +1,5 @@
-//! The per-rank batch sampler (DESIGN §2 "Per-rank sampler"), NovelAI's `bucketmanager.py`
-//! with a counter-based stream.
+//! The per-rank batch sampler (docs/architecture.md §2 "Per-rank sampler"), NovelAI's
+//! `bucketmanager.py` with a counter-based stream.
 //!
 //! Given a rank's shard:
 //!

@@ -1,5 +1,6 @@
-//! Property tests of DESIGN §2's invariants over random datasets, batch sizes, world sizes and
-//! seeds: buckets, assignment, shards, the sampler, replay, the elastic re-shard and crops.
+//! Property tests of docs/architecture.md §2's invariants over random datasets, batch sizes, world
+//! sizes and seeds: buckets, assignment, shards, the sampler, replay, the elastic re-shard and
+//! crops.
 
 use std::collections::HashSet;
 

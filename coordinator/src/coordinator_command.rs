@@ -1,4 +1,4 @@
-//! `arbor coordinator`: serve one job (DESIGN §6).
+//! `arbor coordinator`: serve one job (docs/architecture.md §6).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,6 @@
 //! `arbor index SRC --out MANIFEST`: indexes a dataset (a folder or an object-store prefix)
-//! into the JSON Lines manifest of DESIGN §7, with a JSON report of every skipped file.
+//! into the JSON Lines manifest of docs/architecture.md §7, with a JSON report of every skipped
+//! file.
 //!
 //! The exit status is 0 whenever the manifest was written, skips or not; the summary line on
 //! stdout says how many files were written and how many were skipped, by reason.

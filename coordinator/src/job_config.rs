@@ -9,7 +9,7 @@ use clap::Args;
 
 #[derive(Debug, Clone, Args)]
 pub struct ConfigFlags {
-    /// The job configuration (TOML, DESIGN §7).
+    /// The job configuration (TOML, docs/architecture.md §7).
     #[arg(long, short = 'c', env = "ARBOR_CONFIG")]
     pub config: PathBuf,
     /// Override any config key: `--set section.key=value` (repeatable). Wins over

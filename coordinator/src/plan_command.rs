@@ -1,4 +1,4 @@
-//! `arbor plan`: inspect buckets, assignments and epoch plans (DESIGN §2).
+//! `arbor plan`: inspect buckets, assignments and epoch plans (docs/architecture.md §2).
 
 use std::io::{BufRead, BufWriter, Write};
 use std::process::ExitCode;

@@ -5,7 +5,7 @@ use arbor_common::buckets::{BucketParams, BucketTable};
 use arbor_common::plan::PlanParams;
 use clap::Args;
 
-/// The bucket table (DESIGN §2 defaults).
+/// The bucket table (docs/architecture.md §2 defaults).
 #[derive(Debug, Clone, Args)]
 pub struct BucketFlags {
     /// Largest bucket area in pixels.

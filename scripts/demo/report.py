@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reads a run directory (DESIGN §7) for scripts/demo.sh.
+"""Reads a run directory (docs/architecture.md §7) for scripts/demo.sh.
 
     report.py progress RUN_DIR --total-steps N
         one line: the latest step, the mean loss of the last 10 steps, images/s, checkpoints

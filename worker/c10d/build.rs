@@ -1,7 +1,8 @@
 //! Compiles the C++ shim (shim/arbor_c10d.cpp, shim/arbor_aten.cpp) against the headers of the libtorch that tch links
-//! (DESIGN §5, §8) and links it with libtorch's own libraries. The Gloo headers come from Debian's
-//! `libgloo-dev` (headers only; Gloo itself is inside libtorch_cpu). With the `nccl` feature the
-//! shim also compiles ProcessGroupNCCL against the CUDA and NCCL headers of the nvidia wheels.
+//! (docs/architecture.md §5, §8) and links it with libtorch's own libraries. The Gloo headers come
+//! from Debian's `libgloo-dev` (headers only; Gloo itself is inside libtorch_cpu). With the `nccl`
+//! feature the shim also compiles ProcessGroupNCCL against the CUDA and NCCL headers of the nvidia
+//! wheels.
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,5 @@
-//! Long prompts (DESIGN §3): a batch's token ids framed as separately encoded 75-token chunks.
+//! Long prompts (docs/architecture.md §3): a batch's token ids framed as separately encoded
+//! 75-token chunks.
 //!
 //! The batch length is the longest prompt rounded up to a multiple of 75 (at least one chunk, so
 //! an empty prompt is one chunk) and capped at `max_chunks`·75. Shorter prompts are padded (with

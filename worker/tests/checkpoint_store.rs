@@ -1,7 +1,7 @@
-//! Checkpoints in the run directory (DESIGN §7): tensors of every dtype round-trip bit for bit;
-//! a folder without COMPLETE, a truncated or missing tensor file, and weights that do not match
-//! their recorded keys are refused with errors naming the key; the latest complete checkpoint
-//! skips partial folders; other ranks write only their position.
+//! Checkpoints in the run directory (docs/architecture.md §7): tensors of every dtype round-trip
+//! bit for bit; a folder without COMPLETE, a truncated or missing tensor file, and weights that do
+//! not match their recorded keys are refused with errors naming the key; the latest complete
+//! checkpoint skips partial folders; other ranks write only their position.
 
 use anyhow::Result;
 use arbor_worker::train::checkpoint::{

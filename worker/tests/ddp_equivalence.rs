@@ -1,9 +1,9 @@
-//! Data-parallel equivalence (issue 7, DESIGN §5): the same global batch split across 2 Gloo
-//! ranks (this test process is rank 0 and hosts the TCPStore on a free localhost port; rank 1 is
-//! this test binary re-run as a child process) gives the same averaged gradients and, after 3
+//! Data-parallel equivalence (issue 7, docs/architecture.md §5): the same global batch split across
+//! 2 Gloo ranks (this test process is rank 0 and hosts the TCPStore on a free localhost port; rank
+//! 1 is this test binary re-run as a child process) gives the same averaged gradients and, after 3
 //! AdamW steps with clipping and EMA, the same weights as 1 rank on the whole batch; gradient
-//! accumulation over half batches equals the whole batch; and a peer that dies or stalls turns
-//! the next step into an error within the group timeout, not a hang.
+//! accumulation over half batches equals the whole batch; and a peer that dies or stalls turns the
+//! next step into an error within the group timeout, not a hang.
 //!
 //! The model is a tiny SD-topology UNet (frozen) with a trainable hypernetwork, through
 //! `DistributedStep`, `AdamW` and `Ema` as the trainer uses them.

@@ -1,4 +1,4 @@
-//! The coordinator's persisted job state, `run_dir/state.json` (DESIGN §6, §7).
+//! The coordinator's persisted job state, `run_dir/state.json` (docs/architecture.md §6, §7).
 //!
 //! Written atomically (a temporary file renamed over the old one, or an object-store put)
 //! whenever it changes, so a restarted coordinator picks the job up where the last complete

@@ -1,8 +1,8 @@
-//! The ledger, `run_dir/ledger/epoch-<E>.jsonl` (DESIGN §7): one line per completed batch,
-//! `{"generation":g,"rank":r,"batch":k,"items":[ids]}`, and a later
+//! The ledger, `run_dir/ledger/epoch-<E>.jsonl` (docs/architecture.md §7): one line per completed
+//! batch, `{"generation":g,"rank":r,"batch":k,"items":[ids]}`, and a later
 //! `{"generation":g,"rank":r,"batch":k,"rolled_back":true}` for a batch undone by a regroup
-//! (trained after the checkpoint the job resumed from). "Nothing lost, nothing twice" is
-//! checkable by anyone from these files alone.
+//! (trained after the checkpoint the job resumed from). "Nothing lost, nothing twice" is checkable
+//! by anyone from these files alone.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 //! Group membership: rendezvous, rank assignment, failure detection and regroups, and the
-//! epoch progress they drive (DESIGN §2 "Resume and elasticity", §6).
+//! epoch progress they drive (docs/architecture.md §2 "Resume and elasticity", §6).
 //!
 //! All of it is one state machine behind a mutex ([`Membership`]); the gRPC service and the
 //! liveness ticker call into it and never hold the lock across an await.

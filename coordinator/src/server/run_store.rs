@@ -1,4 +1,4 @@
-//! The run directory (`job.run_dir`, DESIGN §7) as the coordinator writes it: the few
+//! The run directory (`job.run_dir`, docs/architecture.md §7) as the coordinator writes it: the few
 //! operations it needs as a trait ([`RunStore`]), with a local-folder implementation (atomic
 //! renames, fsynced appends) and an object-store one (`s3://`, `gs://`, `az://`).
 //!

@@ -1,5 +1,5 @@
-//! Reading a run's ledger (`ledger/epoch-<E>.jsonl`, DESIGN §7) back in tests: which items
-//! stand as trained once a run is over. Shared with the worker's end-to-end tests
+//! Reading a run's ledger (`ledger/epoch-<E>.jsonl`, docs/architecture.md §7) back in tests: which
+//! items stand as trained once a run is over. Shared with the worker's end-to-end tests
 //! (`worker/tests/e2e_support`), which include this file by path.
 
 use std::collections::{BTreeMap, HashMap};

@@ -2,7 +2,7 @@
 //! against the committed Python baselines (bench/loader/baseline.py: typical Pillow, and
 //! OpenCV with DCT-domain reduced decoding + INTER_AREA) on the same generated corpus
 //! (bench/loader/make_corpus.py bench: JPEG quality 90, about 1 to 6 megapixels, varied
-//! aspect ratios), each image in its DESIGN §2 bucket with the same crop geometry.
+//! aspect ratios), each image in its bucket (docs/architecture.md §2) with the same crop geometry.
 //!
 //!   cargo bench -p arbor-data --bench loader
 //!
@@ -218,7 +218,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!(
-        "loader benchmark: {} JPEGs (quality 90, mean {:.1} MP) x {rounds} rounds, best of {repeats} interleaved runs, DESIGN §2 buckets, Lanczos-class resize + crop + f32 CHW",
+        "loader benchmark: {} JPEGs (quality 90, mean {:.1} MP) x {rounds} rounds, best of {repeats} interleaved runs, default buckets, Lanczos-class resize + crop + f32 CHW",
         jobs.len(),
         megapixels / jobs.len() as f64
     );

@@ -175,7 +175,7 @@ impl Batch {
 pub struct LoaderStats {
     pub items_loaded: AtomicU64,
     pub items_failed: AtomicU64,
-    /// Sum over loaded items of the pixels cut away by the crop (DESIGN §2 asks for it).
+    /// Sum over loaded items of the pixels cut away by the crop (docs/architecture.md §2).
     pub cropped_pixels: AtomicU64,
     pub bytes_fetched: AtomicU64,
 }

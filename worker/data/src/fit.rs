@@ -1,5 +1,5 @@
-//! Fitting an upright image to its bucket (DESIGN §2 "Image fit"): cover-scale keeping the
-//! aspect ratio, crop at the `(seed, epoch, item)` offset, output f32 CHW in [-1, 1].
+//! Fitting an upright image to its bucket (docs/architecture.md §2 "Image fit"): cover-scale
+//! keeping the aspect ratio, crop at the `(seed, epoch, item)` offset, output f32 CHW in [-1, 1].
 //!
 //! The geometry (scale, resized size, offset range, offset) is `arbor-common`'s. The resize is
 //! fast_image_resize's antialiased Lanczos3 convolution, applied only to the source region that

@@ -1,4 +1,5 @@
-//! `arbor-data`: the libtorch-free data path (DESIGN §2 "Image fit", §7), used by both binaries.
+//! `arbor-data`: the libtorch-free data path (docs/architecture.md §2 "Image fit", §7), used by
+//! both binaries.
 //!
 //! - [`store`] opens a dataset root given as a plain path, `file://`, `s3://`, `gs://` or `az://`
 //!   URL through `object_store`, with credentials from the usual environment variables.

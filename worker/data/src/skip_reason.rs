@@ -1,5 +1,6 @@
 //! Why a file of the dataset was not indexed: every skip carries the key and a reason, is
-//! counted by reason, and goes to the report (DESIGN §7: never a crash, never silent).
+//! counted by reason, and goes to the report (docs/architecture.md §7: never a crash, never
+//! silent).
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,4 @@
-//! Hypernetworks as AUTOMATIC1111 defines them (DESIGN §4, issue 5): for each enabled size d a
+//! Hypernetworks as AUTOMATIC1111 defines them (docs/architecture.md §4): for each enabled size d a
 //! k module and a v module ([`module::HypernetworkModule`], `x + f(x)·multiplier`) applied to the
 //! context that feeds an attention layer's `to_k` and `to_v`. The pair is picked by the context
 //! width at every attention layer, so the text width (768 in SD1) covers all cross-attention and

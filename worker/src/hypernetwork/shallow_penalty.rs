@@ -13,10 +13,10 @@
 //! is the attention layer's resolution level (0 = `down_blocks.0` and the last up block, one more
 //! per downsampling; levels past the list take its last entry).
 //!
-//! Defaults: `[0.25, 0.5, 1.0]` (DESIGN §7's job.toml): the 64×64-latent layers (SD1 level 0,
-//! where the modules see the most tokens and overfit fastest) count a quarter, the 32×32 layers
-//! half, and 16×16 and deeper (incl. the mid block) fully. Only the relative weights change where
-//! the modules learn from; the learning rate scales the rest.
+//! Defaults: `[0.25, 0.5, 1.0]` (`shallow_penalty` in job.toml, docs/architecture.md §7): the
+//! 64×64-latent layers (SD1 level 0, where the modules see the most tokens and overfit fastest)
+//! count a quarter, the 32×32 layers half, and 16×16 and deeper (incl. the mid block) fully. Only
+//! the relative weights change where the modules learn from; the learning rate scales the rest.
 //!
 //! Optionally a depth-weighted L2 penalty `strength · Σ_l w_l · mean(f_l(x)²)` is collected
 //! (default off; `l2_level_weights` default `[1.0, 0.5, 0.25]`, the shallowest layers most), to

@@ -1,5 +1,5 @@
-//! Checkpoints (DESIGN §7 `checkpoints/step-<N>/`, issue 7 item 4): everything a run needs to
-//! continue exactly where it stopped, written through the run directory's object store.
+//! Checkpoints (docs/architecture.md §7 "Checkpoints"): everything a run needs to continue
+//! exactly where it stopped, written through the run directory's object store.
 //!
 //! ```text
 //! checkpoints/step-<N>/
@@ -49,8 +49,8 @@ pub const CHECKPOINT_FORMAT_VERSION: u32 = 1;
 
 const STEP_COUNT_METADATA: &str = "arbor.step_count";
 
-/// Where the run stood when the checkpoint was taken: the sampler position of DESIGN §2 (epoch,
-/// batches done, generation, world size) and the optimizer step.
+/// Where the run stood when the checkpoint was taken: the sampler position (epoch, batches done,
+/// generation, world size; docs/architecture.md §2) and the optimizer step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointPosition {

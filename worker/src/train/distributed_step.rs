@@ -1,5 +1,5 @@
-//! What happens after a micro-batch's backward pass (DESIGN §4 "Loop", §5): on the final
-//! micro-step of a gradient-accumulation window the gradients are averaged across the group in
+//! What happens after a micro-batch's backward pass (docs/architecture.md §4 "Loop", §5): on
+//! the final micro-step of a gradient-accumulation window the gradients are averaged across the group in
 //! ~25 MiB buckets in reverse parameter order (skipped without a group, i.e. world size 1), their
 //! global L2 norm is clipped, AdamW steps at the scheduled learning rate, the EMA follows, and
 //! the gradients are zeroed for the next window. On the other micro-steps nothing happens: the

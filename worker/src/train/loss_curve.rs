@@ -1,6 +1,6 @@
-//! The loss-curve PNG written beside the samples (DESIGN §4): every `(step, loss)` point drawn
-//! faint, and an exponential moving average (TensorBoard-style smoothing 0.9 with its start-up
-//! bias corrected) drawn as a solid line on top, on a white background with a light grid.
+//! The loss-curve PNG written beside the samples (docs/architecture.md §4): every `(step, loss)`
+//! point drawn faint, and an exponential moving average (TensorBoard-style smoothing 0.9 with its
+//! start-up bias corrected) drawn as a solid line on top, on a white background with a light grid.
 //!
 //! The plot has no text (no axis labels or numbers): plotters needs a font for text, and this
 //! crate embeds none. The numbers are in `metrics.jsonl`; the picture is for the trend.

@@ -1,6 +1,7 @@
-//! The learning rate of each optimizer step (DESIGN §4): a constant or a warmup + cosine decay
-//! as diffusers' `get_constant_schedule_with_warmup` / `get_cosine_schedule_with_warmup`, or
-//! AUTOMATIC1111's piecewise `"rate:step, rate:step, rate"` strings.
+//! The learning rate of each optimizer step (docs/architecture.md §4): a constant or a warmup +
+//! cosine decay as diffusers' `get_constant_schedule_with_warmup` /
+//! `get_cosine_schedule_with_warmup`, or AUTOMATIC1111's piecewise `"rate:step, rate:step, rate"`
+//! strings.
 //!
 //! Step numbering is diffusers' `LambdaLR`: `learning_rate(step)` is the rate of the optimizer
 //! step taken after `step` steps, so with a warmup the very first step (step 0) has rate 0.

@@ -1,5 +1,5 @@
-//! Training (DESIGN §4, §5): the pieces of one optimisation step, in the order a batch meets
-//! them, and the trainer that drives them for the worker runtime.
+//! Training (docs/architecture.md §4, §5): the pieces of one optimisation step, in the order a
+//! batch meets them, and the trainer that drives them for the worker runtime.
 //!
 //! batch_inputs → training_model → distributed_step (loss, backward, all-reduce, clip, AdamW,
 //! EMA) → metrics_log → checkpoint / sampling / run_exports, all driven by `trainer`.

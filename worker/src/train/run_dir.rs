@@ -1,6 +1,6 @@
-//! The run directory (`job.run_dir`, DESIGN §7) as an `object_store` location: a plain path,
-//! `file://`, `s3://`, `gs://` or `az://`. Blocking calls for the training thread; each runs
-//! on this handle's own small tokio runtime, so callers need no async context.
+//! The run directory (`job.run_dir`, docs/architecture.md §7) as an `object_store` location: a
+//! plain path, `file://`, `s3://`, `gs://` or `az://`. Blocking calls for the training thread; each
+//! runs on this handle's own small tokio runtime, so callers need no async context.
 
 use std::path::PathBuf;
 

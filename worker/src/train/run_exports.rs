@@ -1,4 +1,5 @@
-//! The final exports of a run (DESIGN §7 `exports/`), written by rank 0 when the job ends:
+//! The final exports of a run (docs/architecture.md §7 "Exports"), written by rank 0 when the job
+//! ends:
 //!
 //! - `finetune`: `exports/model.safetensors` (single-file LDM, CLIP keys with the `text_model.`
 //!   prefix, loadable by A1111, ComfyUI and diffusers' `from_single_file`) and

@@ -1,4 +1,4 @@
-//! Samples during training (DESIGN §4 "Samples", §7 `samples/step-<N>.png` and `loss.png`):
+//! Samples during training (docs/architecture.md §4 "Samples", §7 "Run directory"):
 //! rank 0 renders one image per `samples.prompts` entry with the negative prompt
 //! `samples.negative` as the unconditional context (padded to the prompt's chunk count), the
 //! configured sampler (DDIM or Euler), `samples.steps` steps and classifier-free guidance

@@ -1,6 +1,7 @@
-//! The model as a training run holds it (DESIGN §4): the tokenizer and prompt framing, the CLIP
-//! text encoder, the UNet, the VAE, the DDPM schedule with the job's prediction type, and in
-//! `hypernetwork` mode the hypernetwork — with exactly the parameters of the mode trainable:
+//! The model as a training run holds it (docs/architecture.md §4): the tokenizer and prompt
+//! framing, the CLIP text encoder, the UNet, the VAE, the DDPM schedule with the job's prediction
+//! type, and in `hypernetwork` mode the hypernetwork — with exactly the parameters of the mode
+//! trainable:
 //!
 //! - `finetune`: the UNet, plus the text encoder when `model.train_text_encoder`;
 //! - `hypernetwork`: only the hypernetwork modules; CLIP, UNet and VAE are frozen.

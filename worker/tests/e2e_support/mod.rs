@@ -1,7 +1,7 @@
 //! Real training jobs on loopback for the end-to-end tests: a tiny SD1-topology model
 //! (`scripts/demo/make_demo_model.py --preset tiny`, built once per script version), tiny images
 //! of varied aspect ratios with tag captions, a job.toml, `arbor coordinator` and
-//! `arbor-worker train` children, and readers for the run directory (DESIGN §7).
+//! `arbor-worker train` children, and readers for the run directory (docs/architecture.md §7).
 
 #![allow(dead_code)]
 
