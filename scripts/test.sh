@@ -26,3 +26,10 @@ echo "[test] cargo build" >&2
 cargo build --workspace --quiet
 echo "[test] cargo test" >&2
 cargo test --workspace --quiet
+# The GPU check bundle: `arbor` and `arbor-worker --features nccl` built against libtorch 2.11 (the
+# GPU node's PyTorch; scripts/torch-2.11.sh, cached in .cache/torch-2.11), so the 2.11 variant
+# keeps compiling; then the bundle's size and libraries, and its check.sh --smoke on the CPU.
+echo "[test] GPU bundle against libtorch 2.11 (scripts/gpu-bundle.sh)" >&2
+scripts/gpu-bundle.sh .cache/gpu-bundle/out
+echo "[test] GPU bundle test" >&2
+scripts/tests/gpu_bundle_test.sh .cache/gpu-bundle/out --smoke
