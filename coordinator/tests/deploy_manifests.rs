@@ -1112,13 +1112,9 @@ fn ports_secrets_config_keys_and_selectors_agree_across_files() -> anyhow::Resul
             min_available * nproc >= i64::from(config.cluster.min_workers),
             "{label}: a drain the budget allows takes the group below cluster.min_workers"
         );
-        let gpus = worker.pointer("/resources/limits/nvidia.com~1gpu");
         if label.ends_with("gpu") {
-            assert_eq!(
-                gpus.and_then(Value::as_str),
-                Some(nproc.to_string().as_str()),
-                "{label}: one process per GPU"
-            );
+            check_gpus_per_pod(label, nproc, worker)?;
+            check_readme_gpu_sizes(&readme, label, parallelism, nproc, worker)?;
             assert_eq!(
                 str_at(worker_pod, "/spec/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution/0/topologyKey"),
                 "kubernetes.io/hostname",
@@ -1126,7 +1122,12 @@ fn ports_secrets_config_keys_and_selectors_agree_across_files() -> anyhow::Resul
             );
             assert_eq!(worker_invocation.binary, "arbor-worker", "{label}");
         } else {
-            ensure!(gpus.is_none(), "{label}: asks for GPUs");
+            for kind in ["requests", "limits"] {
+                ensure!(
+                    worker.pointer(&gpu_pointer(kind)).is_none(),
+                    "{label}: asks for GPUs ({kind})"
+                );
+            }
         }
         let shm = array_at(worker_pod, "/spec/volumes")
             .iter()
@@ -1281,6 +1282,235 @@ fn ports_secrets_config_keys_and_selectors_agree_across_files() -> anyhow::Resul
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// JSON pointer to a container's `nvidia.com/gpu` in `resources.requests` or `.limits`.
+fn gpu_pointer(kind: &str) -> String {
+    format!("/resources/{kind}/nvidia.com~1gpu")
+}
+
+/// A resource quantity as text (`"8"` and `8` are the same count); None when absent.
+fn quantity(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+/// One process per GPU: the worker container requests exactly `--nproc` GPUs, and its limit
+/// equals its request (Kubernetes refuses an extended resource whose request differs from its
+/// limit, and a limit alone would default the request to it unnoticed).
+fn check_gpus_per_pod(label: &str, nproc: i64, worker: &Value) -> anyhow::Result<()> {
+    let request = quantity(worker.pointer(&gpu_pointer("requests")));
+    let limit = quantity(worker.pointer(&gpu_pointer("limits")));
+    for (kind, value) in [("request", &request), ("limit", &limit)] {
+        ensure!(
+            value.as_deref() == Some(nproc.to_string().as_str()),
+            "{label}: nvidia.com/gpu {kind} {value:?} is not --nproc {nproc} (one process per GPU)"
+        );
+    }
+    ensure!(
+        request == limit,
+        "{label}: nvidia.com/gpu request {request:?} differs from its limit {limit:?}"
+    );
+    Ok(())
+}
+
+/// The rule deploy/README.md states for GPUs per pod (whitespace-normalised).
+const README_GPU_RULE: &str = "`--nproc` = the pod's `nvidia.com/gpu` request = its limit";
+
+/// The first line of deploy/README.md's excerpt of the gpu overlay's worker container.
+const README_GPU_EXCERPT: &str = "# deploy/k8s/overlays/gpu/worker-patch.yaml";
+
+/// The fenced ```yaml block of a Markdown text whose first line starts with `first_line`.
+fn yaml_block(markdown: &str, first_line: &str) -> Option<String> {
+    let mut lines = markdown.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() != "```yaml" {
+            continue;
+        }
+        let block: Vec<&str> = lines
+            .by_ref()
+            .take_while(|line| line.trim() != "```")
+            .collect();
+        if block
+            .first()
+            .is_some_and(|line| line.starts_with(first_line))
+        {
+            return Some(block.join("\n"));
+        }
+    }
+    None
+}
+
+/// deploy/README.md states the gpu overlay's rule and numbers: the rule `--nproc` = request =
+/// limit, the layout's `overlays/gpu/ … P nodes x G GPUs`, the prose's pod and GPU counts, and an
+/// excerpt of the worker container whose args and `nvidia.com/gpu` request and limit are the
+/// rendered ones.
+fn check_readme_gpu_sizes(
+    readme: &str,
+    label: &str,
+    pods: i64,
+    nproc: i64,
+    worker: &Value,
+) -> anyhow::Result<()> {
+    let prose = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    ensure!(
+        prose.contains(README_GPU_RULE),
+        "{label}: deploy/README.md does not state the rule {README_GPU_RULE}"
+    );
+    let layout = readme
+        .lines()
+        .find(|line| line.trim_start().starts_with("overlays/gpu/"))
+        .ok_or_else(|| anyhow!("{label}: deploy/README.md's layout has no overlays/gpu/ line"))?;
+    let words: Vec<&str> = layout.split_whitespace().collect();
+    let sizes = words
+        .windows(5)
+        .find(|window| window[1] == "nodes" && window[2] == "x" && window[4] == "GPUs")
+        .ok_or_else(|| anyhow!("{label}: no `P nodes x G GPUs` in `{layout}`"))?;
+    ensure!(
+        sizes[0] == pods.to_string() && sizes[3] == nproc.to_string(),
+        "{label}: deploy/README.md says {} nodes x {} GPUs, the overlay {pods} pods x --nproc {nproc}",
+        sizes[0],
+        sizes[3]
+    );
+    for stated in [
+        format!("runs {pods} pods"),
+        format!("of `--nproc {nproc}` with {nproc} GPUs each"),
+    ] {
+        ensure!(
+            prose.contains(&stated),
+            "{label}: deploy/README.md does not say `{stated}`"
+        );
+    }
+    let excerpt = yaml_block(readme, README_GPU_EXCERPT)
+        .ok_or_else(|| anyhow!("{label}: deploy/README.md has no {README_GPU_EXCERPT} excerpt"))?;
+    let excerpt = documents(&excerpt)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("{label}: deploy/README.md's gpu excerpt is empty"))?;
+    ensure!(
+        strings(array_at(&excerpt, "/args")) == strings(array_at(worker, "/args")),
+        "{label}: deploy/README.md's worker args {:?} are not the overlay's {:?}",
+        array_at(&excerpt, "/args"),
+        array_at(worker, "/args")
+    );
+    for kind in ["requests", "limits"] {
+        let stated = quantity(excerpt.pointer(&gpu_pointer(kind)));
+        let rendered = quantity(worker.pointer(&gpu_pointer(kind)));
+        ensure!(
+            stated.is_some() && stated == rendered,
+            "{label}: deploy/README.md's nvidia.com/gpu {kind} {stated:?} is not the overlay's {rendered:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_gpu_checks_refuse_a_pod_or_readme_that_disagrees() -> anyhow::Result<()> {
+    let label = "deploy/k8s/overlays/gpu";
+    let rendered = Rendered::of(label)?;
+    let job = rendered.get("Job", "arbor-worker")?;
+    let worker = container(&job["spec"]["template"]["spec"], "worker")?.clone();
+    let pods = job["spec"]["parallelism"].as_i64().unwrap_or(0);
+    let nproc: i64 = flag_value(&strings(array_at(&worker, "/args")), "--nproc")
+        .ok_or_else(|| anyhow!("{label}: no --nproc"))?
+        .parse()?;
+    let readme = std::fs::read_to_string(repo_root().join("deploy/README.md"))?;
+    check_gpus_per_pod(label, nproc, &worker)?;
+    check_readme_gpu_sizes(&readme, label, pods, nproc, &worker)?;
+
+    let half = (nproc / 2).to_string();
+    let with_gpus = |kind: &str, value: Value| {
+        let mut broken = worker.clone();
+        broken["resources"][kind]["nvidia.com/gpu"] = value;
+        broken
+    };
+    let without_request = {
+        let mut broken = worker.clone();
+        broken["resources"]["requests"]
+            .as_object_mut()
+            .map(|requests| requests.remove("nvidia.com/gpu"));
+        broken
+    };
+    for (case, broken, expected) in [
+        (
+            "a smaller request",
+            with_gpus("requests", Value::from(half.clone())),
+            "request",
+        ),
+        (
+            "a smaller limit",
+            with_gpus("limits", Value::from(half.clone())),
+            "limit",
+        ),
+        ("no request", without_request, "request None"),
+    ] {
+        let error = check_gpus_per_pod(label, nproc, &broken)
+            .expect_err(case)
+            .to_string();
+        ensure!(
+            error.contains(expected),
+            "{case}: unexpected error: {error}"
+        );
+    }
+    // a number is the same quantity as its string
+    check_gpus_per_pod(label, nproc, &with_gpus("limits", Value::from(nproc)))?;
+
+    let excerpt_request = format!("  requests:\n    nvidia.com/gpu: \"{nproc}\"");
+    ensure!(
+        readme.contains(&excerpt_request),
+        "the excerpt's request line moved"
+    );
+    let rule = "`nvidia.com/gpu` request = its limit";
+    for (case, broken, expected) in [
+        (
+            "a README excerpt with another request",
+            readme.replacen(
+                &excerpt_request,
+                &format!("  requests:\n    nvidia.com/gpu: \"{half}\""),
+                1,
+            ),
+            "nvidia.com/gpu requests",
+        ),
+        (
+            "a README layout with another GPU count",
+            readme.replacen(
+                &format!("x {nproc} GPUs of"),
+                &format!("x {half} GPUs of"),
+                1,
+            ),
+            "nodes x",
+        ),
+        (
+            "a README prose with another pod count",
+            readme.replacen(
+                &format!("runs {pods} pods"),
+                &format!("runs {} pods", pods + 1),
+                1,
+            ),
+            "does not say",
+        ),
+        (
+            "a README without the rule",
+            readme.replacen(rule, "`nvidia.com/gpu` limit", 1),
+            "does not state the rule",
+        ),
+    ] {
+        ensure!(
+            broken != readme,
+            "{case}: the README text to change was not found"
+        );
+        let error = check_readme_gpu_sizes(&broken, label, pods, nproc, &worker)
+            .expect_err(case)
+            .to_string();
+        ensure!(
+            error.contains(expected),
+            "{case}: unexpected error: {error}"
+        );
     }
     Ok(())
 }
