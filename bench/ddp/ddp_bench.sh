@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A 2-rank data-parallel training step on CPU over Gloo: arbor (tch + arbor-c10d, the trainer's
 # DistributedStep) vs PyTorch DDP (backend gloo, bench/ddp/ddp_step.py) on the same small
-# SD-topology UNet, per-rank batch, clipping and AdamW, one intra-op thread per rank. Builds the
-# bench (release profile), runs both sides in alternating rounds and prints step ms, images/s,
-# the phase split and the ratio arbor / PyTorch (target <= 1.0x).
+# SD-topology UNet, per-rank batch, clipping and AdamW (torch's fused kernel on both sides:
+# fused=True in PyTorch), one intra-op thread per rank. Builds the bench (release profile), runs
+# both sides in alternating rounds and prints step ms, images/s, the phase split and the ratio
+# arbor / PyTorch (target <= 1.0x).
 #
 #   bench/ddp/ddp_bench.sh [--rounds N] [--steps N] [--warmup N] [--threads N] [--batch N]
 #                          [--size N] [--max-grad-norm X] [--profile-steps N]

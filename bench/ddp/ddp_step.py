@@ -4,8 +4,9 @@ spawned with torch.multiprocessing (no torchrun), init_process_group("gloo") ove
 127.0.0.1, diffusers' UNet2DConditionModel (the small SD-topology UNet of
 bench/train_step/sd_bench_unet.py) wrapped in DistributedDataParallel with its defaults
 (bucket_cap_mb=25, the all-reduce overlapped with backward by c10d's Reducer), epsilon MSE loss,
-clip_grad_norm_ (--max-grad-norm, 0 = off) and torch.optim.AdamW (weight decay 0.01; on CPU
-the single-tensor implementation). Each rank trains on its own batch (seeded by rank).
+clip_grad_norm_ (--max-grad-norm, 0 = off) and torch.optim.AdamW (weight decay 0.01,
+fused=True: torch's fused kernel on CPU and CUDA, as arbor's AdamW uses). Each rank trains on its
+own batch (seeded by rank).
 
 arbor's `cargo bench -p arbor-worker --bench ddp_step` runs this script with the same UNet config,
 shapes, thread count and step count, and prints both timings side by side.
@@ -75,7 +76,7 @@ def rank_main(rank, args, results):
         unet, device_ids=[rank] if args.device == "cuda" else None
     )
     scheduler = sd1_scheduler()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=True)
     latents, noise, context, timesteps = random_batch(
         config, args.batch, args.height, args.width, args.context_len, seed=1 + rank, device=device
     )

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """PyTorch-eager baseline of one diffusion training step (forward, backward, AdamW) of a small
 SD-topology UNet on CPU: diffusers' UNet2DConditionModel, DDPMScheduler.add_noise with one
-timestep per sample, epsilon MSE loss, torch.optim.AdamW with its defaults (on CPU that is the
-for-each-parameter implementation; --fused-adamw uses the fused CPU kernel instead).
+timestep per sample, epsilon MSE loss, torch.optim.AdamW(fused=True) (torch's fused CPU kernel,
+as arbor's AdamW uses; --single-tensor-adamw runs torch's CPU default instead, the single-tensor
+implementation, parameter by parameter and op by op).
 
 arbor's `cargo bench -p arbor-worker --bench train_step` runs this script with the same UNet
 config, shapes and thread count, and prints both timings side by side.
@@ -33,7 +34,11 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--fused-adamw", action="store_true")
+    parser.add_argument(
+        "--single-tensor-adamw",
+        action="store_true",
+        help="torch's unfused CPU default (foreach=False) instead of fused=True",
+    )
     args = parser.parse_args()
 
     from sd_bench_unet import build_unet, diffusion_loss, random_batch, sd1_scheduler
@@ -42,7 +47,10 @@ def main():
     torch.manual_seed(0)
     unet, config = build_unet(args.config)
     scheduler = sd1_scheduler()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, fused=args.fused_adamw or None)
+    if args.single_tensor_adamw:
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, foreach=False)
+    else:
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, fused=True)
     latents, noise, context, timesteps = random_batch(
         config, args.batch, args.size, args.size, args.context_len, seed=1
     )

@@ -1,10 +1,12 @@
 //! Benchmark: one diffusion training step (forward, backward, AdamW) of a small SD-topology
 //! UNet on CPU, arbor (tch) vs the PyTorch-eager script `bench/train_step/train_step.py` on the
 //! same libtorch, UNet config, shapes and thread count. Prints both side by side with the ratio.
+//! Both sides use torch's fused AdamW kernel; `--single-tensor-adamw` gives PyTorch its unfused
+//! CPU default instead (arbor stays fused).
 //!
 //!     cargo bench -p arbor-worker --bench train_step -- [--rounds N] [--steps N] [--warmup N]
 //!         [--threads N]
-//!         [--batch N] [--size N] [--context-len N] [--fused-adamw] [--python PATH]
+//!         [--batch N] [--size N] [--context-len N] [--single-tensor-adamw] [--python PATH]
 //!
 //! The Python interpreter is `--python`, else $ARBOR_PYTHON_BIN, else `.venv/bin/python`.
 
@@ -33,7 +35,7 @@ struct Options {
     batch: i64,
     size: i64,
     context_len: i64,
-    fused_adamw: bool,
+    single_tensor_adamw: bool,
     rounds: usize,
     python: PathBuf,
 }
@@ -48,7 +50,7 @@ fn parse_options() -> Result<Options> {
         batch: 2,
         size: 32,
         context_len: 77,
-        fused_adamw: false,
+        single_tensor_adamw: false,
         python: std::env::var_os("ARBOR_PYTHON_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo_root.join(".venv/bin/python")),
@@ -70,7 +72,7 @@ fn parse_options() -> Result<Options> {
             "--size" => options.size = value("--size")?.parse()?,
             "--context-len" => options.context_len = value("--context-len")?.parse()?,
             "--python" => options.python = PathBuf::from(value("--python")?),
-            "--fused-adamw" => options.fused_adamw = true,
+            "--single-tensor-adamw" => options.single_tensor_adamw = true,
             other => bail!("unknown argument `{other}`"),
         }
     }
@@ -167,8 +169,8 @@ fn run_pytorch(options: &Options, config_path: &Path) -> Result<(Vec<f64>, f64)>
         .args(["--steps", &options.steps.to_string()])
         .args(["--warmup", &options.warmup.to_string()])
         .args(["--threads", &options.threads.to_string()]);
-    if options.fused_adamw {
-        command.arg("--fused-adamw");
+    if options.single_tensor_adamw {
+        command.arg("--single-tensor-adamw");
     }
     let value = run_json_command(command, &format!("{script:?} with {:?}", options.python))?;
     Ok((json_times(&value)?, json_f64(&value, "loss")?))
@@ -215,10 +217,10 @@ fn main() -> Result<()> {
         options.rounds,
         options.steps,
     );
-    let adamw_kind = if options.fused_adamw {
-        "fused"
+    let adamw_kind = if options.single_tensor_adamw {
+        "single-tensor"
     } else {
-        "default (for-each)"
+        "fused"
     };
     println!(
         "{:<40} {:>10} {:>10} {:>10} {:>10}",
