@@ -2,7 +2,7 @@
 # Builds the folder for one GPU check run (issue 13, item 5): everything the borrowed GPU node
 # (one H200; PyTorch 2.11.0+cu130 for Python 3.12 at /opt/torch/.venv with transformers,
 # accelerate, peft and pillow but no diffusers; no Rust, no network, nothing to install; at most
-# 64 MiB of files and 10 minutes per run; ../shared/DESIGN.md §8) needs besides its own PyTorch:
+# 64 MiB of files and 10 minutes per run; docs/architecture.md §8) needs besides its own PyTorch:
 #
 #   scripts/gpu-bundle.sh OUT        # then, on the node: OUT/check.sh  (here: OUT/check.sh --smoke)
 #

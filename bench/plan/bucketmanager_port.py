@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-BUCKET_COUNT = 19  # the default table of DESIGN section 2
+BUCKET_COUNT = 19  # the default table of docs/architecture.md section 2
 BASE_BUCKET = 8
 
 

@@ -18,7 +18,7 @@
 //! time goes (all-reduce, clip, AdamW). Rounds alternate PyTorch then arbor, so both sides see
 //! the same machine load. Python is `--python`, else $ARBOR_PYTHON_BIN, else `.venv/bin/python`.
 //!
-//! GPU variant (DESIGN §5, issue 7 item 8; see bench/ddp/gpu_throughput.sh): `--device cuda`
+//! GPU variant (docs/architecture.md §5; see bench/ddp/gpu_throughput.sh): `--device cuda`
 //! puts rank R on GPU R and uses NCCL (build with `--features arbor-c10d/nccl`), `--bf16` runs
 //! the forward under bf16 autocast as the trainer does, `--unet sd15` is an SD1.5-sized UNet with
 //! random weights, and `--peak-tflops` (the GPU's dense bf16 peak) adds model-FLOPs utilisation
