@@ -93,6 +93,7 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
         run_store.clone(),
         metrics.clone(),
         state,
+        Arc::new(crate::server::membership::clock::SystemClock),
     )?;
     // Workers may run elsewhere: send them absolute paths.
     let mut worker_config = (*config).clone();

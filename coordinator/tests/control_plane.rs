@@ -236,6 +236,17 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A client of the job's coordinator, once it answers.
+async fn client_when_up(address: &str) -> arbor_runtime::client::Client {
+    let mut client = arbor_runtime::client::connect(address, TOKEN, None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.status(StatusRequest {}).await.is_err() {
+        assert!(Instant::now() < deadline, "coordinator did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client
+}
+
 #[test]
 fn bad_requests_are_refused_with_a_reason_and_the_server_keeps_serving() {
     let spec = JobSpec {
@@ -248,13 +259,7 @@ fn bad_requests_are_refused_with_a_reason_and_the_server_keeps_serving() {
     let address = job.address();
     let runtime = runtime();
     runtime.block_on(async {
-        // Wait for the server.
-        let mut client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while client.status(StatusRequest {}).await.is_err() {
-            assert!(Instant::now() < deadline, "coordinator did not come up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let mut client = client_when_up(&address).await;
 
         let mut wrong = arbor_runtime::client::connect(&address, "not-the-token", None).unwrap();
         let status = wrong.status(StatusRequest {}).await.unwrap_err();
@@ -484,12 +489,7 @@ fn ranks_are_contiguous_per_node_and_a_collective_error_regroups() {
     job.start_coordinator();
     let address = job.address();
     runtime().block_on(async {
-        let client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while client.clone().status(StatusRequest {}).await.is_err() {
-            assert!(Instant::now() < deadline, "coordinator did not come up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let client = client_when_up(&address).await;
         let joins = [("b", 1), ("a", 1), ("b", 0), ("a", 0)].map(|(node, local_rank)| {
             let mut client = client.clone();
             tokio::spawn(async move {
@@ -797,12 +797,7 @@ fn a_checkpoint_request_without_a_running_group_is_refused_with_the_reason() {
     job.start_coordinator();
     let address = job.address();
     runtime().block_on(async {
-        let client = arbor_runtime::client::connect(&address, TOKEN, None).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while client.clone().status(StatusRequest {}).await.is_err() {
-            assert!(Instant::now() < deadline, "coordinator did not come up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let client = client_when_up(&address).await;
         let refused = client
             .clone()
             .request_checkpoint(arbor_proto::v1::RequestCheckpointRequest::default())
@@ -1002,5 +997,111 @@ fn heartbeats_report_the_learning_rate_and_prompt_lengths_to_status_and_metrics(
         "arbor_prompts_total{tokens=\"over_225\"} 1",
     ] {
         assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
+    }
+}
+
+#[test]
+fn lying_requests_are_refused_by_field_counted_by_reason_and_a_persistent_liar_is_dropped() {
+    let spec = JobSpec {
+        min_workers: 1,
+        max_workers: 2,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    let address = job.address();
+    runtime().block_on(async {
+        let mut client = client_when_up(&address).await;
+        let join = |port: u32, host: &str| JoinRequest {
+            worker_id: "w0".into(),
+            node: "n".into(),
+            local_rank: 0,
+            advertise_host: host.into(),
+            store_port: port,
+        };
+        for (request, field) in [
+            (join(70000, "127.0.0.1"), "join.store_port"),
+            (join(0, "127.0.0.1"), "join.store_port"),
+            (join(29500, "evil host:1"), "join.advertise_host"),
+        ] {
+            let status = client.join(request).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            assert!(status.message().starts_with(field), "{}", status.message());
+        }
+        let reply = client
+            .join(join(29500, "127.0.0.1"))
+            .await
+            .unwrap()
+            .into_inner();
+        let heartbeat = |batches_done: u64, rate: f64| HeartbeatRequest {
+            worker_id: "w0".into(),
+            generation: reply.generation,
+            rank: 0,
+            batches_done,
+            items_per_second: rate,
+            ..Default::default()
+        };
+        let status = client.heartbeat(heartbeat(0, f64::NAN)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().starts_with("heartbeat.items_per_second"),
+            "{}",
+            status.message()
+        );
+        // A Shard request far in the future is refused at once, not after its deadline.
+        let asked = Instant::now();
+        let refused = client
+            .shard(ShardRequest {
+                worker_id: "w0".into(),
+                generation: reply.generation,
+                rank: 0,
+                epoch: 1_000_000,
+                start_index: 0,
+            })
+            .await;
+        let Err(status) = refused else {
+            panic!("a far-future epoch must be refused");
+        };
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
+        assert!(
+            status.message().starts_with("shard.epoch"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            asked.elapsed()
+        );
+        // The third lie drops the worker: its next heartbeat is from a stranger.
+        let status = client
+            .heartbeat(heartbeat(u64::MAX, 1.0))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
+        assert!(
+            status.message().starts_with("heartbeat.batches_done"),
+            "{}",
+            status.message()
+        );
+        let status = client.heartbeat(heartbeat(0, 1.0)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        let status = client.status(StatusRequest {}).await.unwrap().into_inner();
+        assert!(
+            status
+                .recent_events
+                .iter()
+                .any(|event| event.contains("worker w0 dropped after 3 refused requests")),
+            "{:?}",
+            status.recent_events
+        );
+    });
+    let metrics = reqwest_metrics(job.metrics_port);
+    for line in [
+        "arbor_refused_requests_total{reason=\"malformed\"} 4",
+        "arbor_refused_requests_total{reason=\"out_of_range\"} 2",
+        "arbor_refused_requests_total{reason=\"worker_dropped\"} 1",
+    ] {
+        assert!(metrics.contains(line), "no `{line}` in:\n{metrics}");
     }
 }

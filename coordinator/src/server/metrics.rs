@@ -35,6 +35,13 @@ pub struct Metrics {
     pub shard_items_streamed: Counter,
     pub learning_rate: Gauge<f64, AtomicU64>,
     pub prompts: Family<TokensLabel, Counter>,
+    pub non_finite_losses: Counter,
+    pub planned_steps: Gauge,
+    pub progress_ratio: Gauge<f64, AtomicU64>,
+    pub eta_seconds: Gauge<f64, AtomicU64>,
+    pub epoch_batches_done: Gauge,
+    pub epoch_batches: Gauge,
+    pub seconds_since_checkpoint: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -54,6 +61,13 @@ impl Metrics {
             shard_items_streamed: Counter::default(),
             learning_rate: Gauge::default(),
             prompts: Family::default(),
+            non_finite_losses: Counter::default(),
+            planned_steps: Gauge::default(),
+            progress_ratio: Gauge::default(),
+            eta_seconds: Gauge::default(),
+            epoch_batches_done: Gauge::default(),
+            epoch_batches: Gauge::default(),
+            seconds_since_checkpoint: Gauge::default(),
         };
         registry.register(
             "workers",
@@ -110,6 +124,41 @@ impl Metrics {
             "prompts",
             "Prompts encoded, by token count (without BOS/EOS): up_to_75, 76_to_150, 151_to_225, over_225 (truncated)",
             metrics.prompts.clone(),
+        );
+        registry.register(
+            "non_finite_losses",
+            "Heartbeats that reported a NaN or infinite loss (diverged steps)",
+            metrics.non_finite_losses.clone(),
+        );
+        registry.register(
+            "planned_steps",
+            "Optimizer steps the job is planned to train",
+            metrics.planned_steps.clone(),
+        );
+        registry.register(
+            "progress_ratio",
+            "Fraction of the planned optimizer steps done",
+            metrics.progress_ratio.clone(),
+        );
+        registry.register(
+            "eta_seconds",
+            "Seconds to the end of the job at the recent step rate (-1 while unknown)",
+            metrics.eta_seconds.clone(),
+        );
+        registry.register(
+            "epoch_batches_done",
+            "Batches of the current epoch's plan done by the slowest rank",
+            metrics.epoch_batches_done.clone(),
+        );
+        registry.register(
+            "epoch_batches",
+            "Batches per rank in the current epoch's plan",
+            metrics.epoch_batches.clone(),
+        );
+        registry.register(
+            "seconds_since_checkpoint",
+            "Seconds since the last complete checkpoint",
+            metrics.seconds_since_checkpoint.clone(),
         );
         Self {
             registry: Arc::new(registry),

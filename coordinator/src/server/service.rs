@@ -16,7 +16,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
-use super::membership::Membership;
+use super::membership::requests::{CheckpointReport, ShardAsk, WorkerHeartbeat, WorkerJoin};
+use super::membership::{Membership, MembershipError, RefusalCode};
 use super::metrics::Metrics;
 use crate::dataset::Dataset;
 
@@ -35,6 +36,41 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The gRPC status of a refusal, counted in `arbor_refused_requests_total` by reason: the
+    /// one place where the membership's errors meet the transport.
+    fn refuse(&self, error: MembershipError) -> Status {
+        if let Some(reason) = error.refusal_reason() {
+            self.metrics.refuse(reason);
+        }
+        let message = error.to_string();
+        match error.code() {
+            RefusalCode::InvalidArgument => Status::invalid_argument(message),
+            RefusalCode::OutOfRange => Status::out_of_range(message),
+            RefusalCode::FailedPrecondition => Status::failed_precondition(message),
+            RefusalCode::NotFound => Status::not_found(message),
+            RefusalCode::PermissionDenied => Status::permission_denied(message),
+            RefusalCode::Unavailable => Status::unavailable(message),
+            RefusalCode::Internal => Status::internal(message),
+        }
+    }
+
+    /// A request converted to its validated domain value; a refusal counts against the worker
+    /// that sent it (see `Membership::refused`).
+    fn validated<Request, Validated>(
+        &self,
+        worker_id: &str,
+        request: Request,
+    ) -> Result<Validated, Status>
+    where
+        Validated: TryFrom<Request, Error = MembershipError>,
+    {
+        Validated::try_from(request).map_err(|error| {
+            let error = self.lock().refused(worker_id, error);
+            self.notify();
+            self.refuse(error)
+        })
+    }
+
     pub fn notify(&self) {
         self.changed.send_modify(|version| *version += 1);
     }
@@ -73,8 +109,12 @@ type ShardStream = Pin<Box<dyn Stream<Item = Result<ShardChunk, Status>> + Send>
 impl Coordinator for CoordinatorService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
         let request = request.into_inner();
-        let worker_id = request.worker_id.clone();
-        self.shared.lock().register_join(request)?;
+        let join: WorkerJoin = self.shared.validated(&request.worker_id.clone(), request)?;
+        let worker_id = join.worker_id.clone();
+        self.shared
+            .lock()
+            .register_join(join)
+            .map_err(|e| self.shared.refuse(e))?;
         self.shared.notify();
         let mut guard = JoinGuard {
             shared: self.shared.clone(),
@@ -88,7 +128,8 @@ impl Coordinator for CoordinatorService {
             if let Some(reply) = self
                 .shared
                 .lock()
-                .join_reply(&worker_id, &self.shared.config_toml)?
+                .join_reply(&worker_id, &self.shared.config_toml)
+                .map_err(|e| self.shared.refuse(e))?
             {
                 guard.armed = false;
                 debug!(
@@ -115,7 +156,13 @@ impl Coordinator for CoordinatorService {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
         let request = request.into_inner();
-        let reply = self.shared.lock().heartbeat(&request)?;
+        let heartbeat: WorkerHeartbeat =
+            self.shared.validated(&request.worker_id.clone(), request)?;
+        let reply = self
+            .shared
+            .lock()
+            .heartbeat(&heartbeat)
+            .map_err(|e| self.shared.refuse(e))?;
         self.shared.notify();
         Ok(Response::new(reply))
     }
@@ -127,16 +174,16 @@ impl Coordinator for CoordinatorService {
         request: Request<ShardRequest>,
     ) -> Result<Response<Self::ShardStream>, Status> {
         let request = request.into_inner();
+        let ask: ShardAsk = self.shared.validated(&request.worker_id.clone(), request)?;
         let mut changes = self.shared.changed.subscribe();
         let deadline = tokio::time::Instant::now() + self.shared.wait_limit;
         let source = loop {
             changes.borrow_and_update();
-            let source = self.shared.lock().shard_source(
-                &request.worker_id,
-                request.generation,
-                request.rank,
-                request.epoch,
-            )?;
+            let source = self
+                .shared
+                .lock()
+                .shard_source(&ask)
+                .map_err(|e| self.shared.refuse(e))?;
             if let Some(source) = source {
                 break source;
             }
@@ -147,20 +194,13 @@ impl Coordinator for CoordinatorService {
             {
                 return Err(Status::deadline_exceeded(format!(
                     "epoch {} did not start in time",
-                    request.epoch
+                    ask.epoch
                 )));
             }
         };
         let shard_len = source.plan.shard_len();
-        if request.start_index > shard_len {
-            self.shared.metrics.refuse("malformed");
-            return Err(Status::invalid_argument(format!(
-                "start_index {} is past the shard's {shard_len} items",
-                request.start_index
-            )));
-        }
         let header = ShardHeader {
-            epoch: request.epoch,
+            epoch: ask.epoch,
             segment: source.segment,
             shard_len,
             bsz: source.plan.params().bsz,
@@ -171,11 +211,11 @@ impl Coordinator for CoordinatorService {
         let (sender, receiver) = mpsc::channel(8);
         let dataset = self.shared.dataset.clone();
         let metrics = self.shared.metrics.clone();
-        let rank = request.rank;
-        let start_index = request.start_index;
+        let rank = ask.member.rank;
+        let start_index = ask.start_index;
         let shared = self.shared.clone();
         let (worker_id, generation, stream) =
-            (request.worker_id, request.generation, source.stream);
+            (ask.member.worker_id, ask.member.generation, source.stream);
         tokio::task::spawn_blocking(move || {
             let plan = source.plan;
             let world_size = u64::from(plan.params().world_size);
@@ -225,7 +265,13 @@ impl Coordinator for CoordinatorService {
         request: Request<CheckpointDoneRequest>,
     ) -> Result<Response<CheckpointDoneReply>, Status> {
         let request = request.into_inner();
-        let complete = self.shared.lock().checkpoint_done(&request)?;
+        let report: CheckpointReport =
+            self.shared.validated(&request.worker_id.clone(), request)?;
+        let complete = self
+            .shared
+            .lock()
+            .checkpoint_done(&report)
+            .map_err(|e| self.shared.refuse(e))?;
         self.shared.notify();
         Ok(Response::new(CheckpointDoneReply { complete }))
     }
@@ -236,10 +282,10 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<RequestCheckpointReply>, Status> {
         let request = request.into_inner();
         if request.reason.len() > 1024 {
-            self.shared.metrics.refuse("malformed");
-            return Err(Status::invalid_argument(
-                "request_checkpoint: reason is longer than 1024 bytes",
-            ));
+            return Err(self.shared.refuse(MembershipError::malformed(
+                "request_checkpoint.reason",
+                format!("{} bytes, at most 1024", request.reason.len()),
+            )));
         }
         let reason = if request.reason.is_empty() {
             "asked for by `arbor checkpoint`".to_string()
@@ -249,7 +295,8 @@ impl Coordinator for CoordinatorService {
         let reply = self
             .shared
             .lock()
-            .request_checkpoint(&reason, request.export)?;
+            .request_checkpoint(&reason, request.export)
+            .map_err(|e| self.shared.refuse(e))?;
         self.shared.notify();
         Ok(Response::new(reply))
     }

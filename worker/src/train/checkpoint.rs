@@ -16,7 +16,7 @@
 //!
 //! Rank 0 writes the tensors because after an all-reduce every rank holds the same weights,
 //! optimizer state and EMA. Every rank writes its `rank-<r>.json` and then reports
-//! CheckpointDone; the coordinator (coordinator/src/server/membership.rs, `complete_checkpoint`)
+//! CheckpointDone; the coordinator (coordinator/src/server/membership/checkpoints.rs, `complete_checkpoint`)
 //! writes `COMPLETE` after the last report. A worker never writes `COMPLETE` in a job: a folder
 //! without it may be missing any file, and [`read_checkpoint`] refuses it, naming the path. Only a
 //! single process without a coordinator (tests, a local run) marks its own checkpoints, with
