@@ -47,6 +47,8 @@ pub struct Progress {
     pub completed: Vec<CompletedBatch>,
     /// A failure to report (a collective error), sent once.
     pub error: String,
+    /// `error` means this rank cannot train the job at all (its trainer did not start).
+    pub fatal: bool,
     pub control: Option<Control>,
     /// The latest checkpoint the coordinator asked for (COMMAND_CHECKPOINT).
     pub requested_checkpoint: Option<RequestedCheckpoint>,
@@ -77,6 +79,7 @@ pub async fn send_heartbeat(client: &Client, worker_id: &str, progress: &SharedP
             items_per_second: state.items_per_second,
             completed: sent.clone(),
             error: std::mem::take(&mut state.error),
+            fatal: std::mem::take(&mut state.fatal),
             data_wait_seconds: std::mem::take(&mut state.data_wait_seconds),
             learning_rate: state.learning_rate,
             token_length_counts: std::mem::take(&mut state.token_length_counts).to_vec(),

@@ -316,10 +316,6 @@ fn run_group(
         resume_checkpoint: resume.checkpoint.clone(),
         resume_step: resume.step,
     };
-    trainer
-        .start(&group, config)
-        .map_err(RuntimeError::Trainer)?;
-    let table = BucketTable::new(config.buckets.bucket_params())?;
     let progress: SharedProgress = SharedProgress::default();
     {
         let mut state = lock(&progress);
@@ -329,6 +325,11 @@ fn run_group(
         state.segment = resume.segment;
         state.batches_done = resume.batch;
     }
+    if let Err(error) = trainer.start(&group, config) {
+        report_start_failure(runtime, client, worker_id, &progress, &error);
+        return Err(RuntimeError::Trainer(error));
+    }
+    let table = BucketTable::new(config.buckets.bucket_params())?;
     let (stop_heartbeats, stopped) = watch::channel(false);
     let interval = Duration::from_secs_f64(config.cluster.heartbeat_interval_s);
     runtime.spawn(heartbeat_loop(
@@ -353,6 +354,30 @@ fn run_group(
     let end = run.train_epochs(resume.epoch);
     let _ = stop_heartbeats.send(true);
     end
+}
+
+/// Tells the coordinator that this rank's trainer did not start, so it fails the job with the
+/// reason instead of regrouping into the same failure. Best effort: a coordinator that cannot
+/// be reached within a few seconds sees the worker lost instead.
+fn report_start_failure(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    worker_id: &str,
+    progress: &SharedProgress,
+    error: &str,
+) {
+    {
+        let mut state = lock(progress);
+        state.error = format!("the trainer did not start: {error}");
+        state.fatal = true;
+    }
+    let sent = runtime.block_on(tokio::time::timeout(
+        Duration::from_secs(10),
+        send_heartbeat(client, worker_id, progress),
+    ));
+    if sent.is_err() {
+        warn!("the coordinator did not hear of the start failure within 10 s");
+    }
 }
 
 /// One group's run on this rank: what every step of the loop needs, so the steps are methods
@@ -597,7 +622,12 @@ impl GroupRun<'_> {
         if let Some(loss) = outcome.loss {
             state.loss = loss;
         }
-        let rate = batch.items.len() as f64 / seconds;
+        // A batch timed at zero seconds (a coarse clock) says nothing about the rate.
+        let rate = if seconds > 0.0 {
+            batch.items.len() as f64 / seconds
+        } else {
+            state.items_per_second
+        };
         state.items_per_second = if state.items_per_second == 0.0 {
             rate
         } else {
