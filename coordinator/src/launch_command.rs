@@ -176,11 +176,18 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<std::process::ExitCode> {
         eprintln!("[launch] stopped; the job resumes from its run directory when launched again");
         return Ok(std::process::ExitCode::from(130));
     }
+    // The job's outcome is the coordinator's: a worker that died and was replaced by a regroup
+    // does not fail a job that finished, and a job that failed fails the launch.
+    let outcome = if status.success() {
+        "the job finished"
+    } else {
+        "the job did not finish"
+    };
     eprintln!(
-        "[launch] coordinator exited with {status}; {worker_failures} worker(s) failed; run directory: {}",
+        "[launch] {outcome} (coordinator exited with {status}); {worker_failures} worker process(es) exited with an error; run directory: {}",
         config.job.run_dir
     );
-    Ok(if status.success() && worker_failures == 0 {
+    Ok(if status.success() {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE

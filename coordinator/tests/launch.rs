@@ -169,3 +169,36 @@ fn one_worker_process_with_nproc_2_runs_two_local_ranks() {
     assert_eq!(ranks.into_iter().collect::<Vec<_>>(), [0, 1]);
     assert_nothing_twice_nothing_lost(&job, 0, 1, 8);
 }
+
+#[test]
+fn a_worker_that_dies_and_is_regrouped_around_does_not_fail_a_finished_job() {
+    let spec = JobSpec {
+        items: 600,
+        epochs: 1,
+        min_workers: 2,
+        max_workers: 3,
+        ..JobSpec::default()
+    };
+    let job = Job::new(&spec);
+    let mut launcher = launch(&job, 3, 20);
+    job.wait_until(Duration::from_secs(60), "training started", |job| {
+        job.ledger_lines(0).len() >= 6
+    });
+    // The last-started child is worker 2; kill it hard, as the OOM killer would.
+    let children = children_of(launcher.id());
+    let victim = *children.last().expect("launch has children");
+    Job::signal(victim, "-KILL");
+    let exit = try_wait_for(&mut launcher, Duration::from_secs(180));
+    let text = output(&job);
+    assert_eq!(job.state()["finished"], true, "{text}");
+    assert!(
+        exit.is_some_and(|exit| exit.success()),
+        "the job finished, so launch succeeds: {exit:?}\n{text}"
+    );
+    assert!(
+        text.contains("1 worker process(es) exited with an error"),
+        "the dead worker is still reported:\n{text}"
+    );
+    // Three ranks, then two after the re-shard: two plans.
+    assert_nothing_twice_nothing_lost(&job, 0, 2, 12);
+}
