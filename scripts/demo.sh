@@ -35,7 +35,7 @@ while (($#)); do
   shift
 done
 
-demo_dir="${ARBOR_DEMO_DIR:-$repo_root/demo}"
+demo_dir="$(realpath -m "${ARBOR_DEMO_DIR:-$repo_root/demo}")"
 profile="${ARBOR_DEMO_PROFILE:-release}"
 port="${ARBOR_DEMO_PORT:-50151}"
 image_count=96

@@ -55,6 +55,24 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
             .to_string()
     };
     let dataset = Arc::new(Dataset::load(&manifest, &config)?);
+    // Workers may run elsewhere: they get the folder or prefix the manifest's keys are
+    // relative to as an absolute path. Checked before the job's state is written, so a job
+    // that could load none of its images leaves nothing behind.
+    let data_root = match &config.data.root {
+        Some(root) if is_remote(root) => root.clone(),
+        Some(root) => local_path(root, &base, "data.root")?.display().to_string(),
+        None if manifest_is_remote => split_object_url(&manifest)?.0.to_string(),
+        None => std::path::Path::new(&manifest)
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+    };
+    if !is_remote(&data_root) {
+        crate::dataset::check_local_items_exist(
+            &dataset.records,
+            std::path::Path::new(&data_root),
+        )?;
+    }
 
     let state = match JobState::load(run_store.as_ref())? {
         Some(state) => {
@@ -98,16 +116,15 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
     // Workers may run elsewhere: send them absolute paths.
     let mut worker_config = (*config).clone();
     worker_config.data.manifest = manifest.clone();
-    worker_config.data.root = Some(match &config.data.root {
-        Some(root) if is_remote(root) => root.clone(),
-        Some(root) => local_path(root, &base, "data.root")?.display().to_string(),
-        None if manifest_is_remote => split_object_url(&manifest)?.0.to_string(),
-        None => std::path::Path::new(&manifest)
-            .parent()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
-    });
+    worker_config.data.root = Some(data_root);
     worker_config.job.run_dir = run_dir.clone();
+    // Like the manifest and run_dir, a relative model path is the job file's, not each
+    // worker's working directory's.
+    if !config.model.path.is_empty() && !is_remote(&config.model.path) {
+        worker_config.model.path = local_path(&config.model.path, &base, "model.path")?
+            .display()
+            .to_string();
+    }
     let (changed, _) = watch::channel(0u64);
     let shared = Arc::new(Shared {
         membership: Mutex::new(membership),

@@ -71,3 +71,89 @@ impl Dataset {
         })
     }
 }
+
+/// Records sampled by [`check_local_items_exist`].
+const EXISTENCE_SAMPLE: usize = 16;
+
+/// For a dataset on a local or mounted folder: checks that a sample of the manifest's keys
+/// (spread over the whole manifest) exist under `root` (when `root` is a folder here). None existing means every item would
+/// fail to load (a manifest written outside its image folder, or a wrong `data.root`), so the
+/// job is refused before it starts; some missing are only reported.
+pub fn check_local_items_exist(
+    records: &[ManifestRecord],
+    root: &std::path::Path,
+) -> anyhow::Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    if !root.is_dir() {
+        // Workers may mount the images where the coordinator does not.
+        warn!(root = %root.display(), "data.root is not a folder on the coordinator; not checking that the manifest's keys exist");
+        return Ok(());
+    }
+    let step = (records.len() / EXISTENCE_SAMPLE).max(1);
+    let sampled: Vec<&ManifestRecord> = records
+        .iter()
+        .step_by(step)
+        .take(EXISTENCE_SAMPLE)
+        .collect();
+    let missing: Vec<&ManifestRecord> = sampled
+        .iter()
+        .copied()
+        .filter(|record| !root.join(&record.key).exists())
+        .collect();
+    if missing.len() == sampled.len() {
+        anyhow::bail!(
+            "data.root {}: none of {} sampled manifest keys exist there (e.g. {}); \
+             set data.root to the folder the manifest's keys are relative to \
+             (a manifest written with `arbor index --out` outside its image folder needs it)",
+            root.display(),
+            sampled.len(),
+            root.join(&missing[0].key).display()
+        );
+    }
+    if !missing.is_empty() {
+        warn!(
+            root = %root.display(),
+            missing = missing.len(),
+            sampled = sampled.len(),
+            example = %root.join(&missing[0].key).display(),
+            "some sampled manifest keys do not exist under data.root; those items will fail to load"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: &str) -> ManifestRecord {
+        ManifestRecord {
+            id: 1,
+            key: key.into(),
+            width: 512,
+            height: 512,
+            caption: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_root_that_holds_none_of_the_keys_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("images")).unwrap();
+        std::fs::write(dir.path().join("images/a.png"), b"x").unwrap();
+        let records = [record("images/a.png"), record("images/b.png")];
+        check_local_items_exist(&records, dir.path()).unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let error = check_local_items_exist(&records, &elsewhere)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with(&format!("data.root {}", elsewhere.display())),
+            "{error}"
+        );
+        assert!(error.contains("images/a.png"), "{error}");
+    }
+}

@@ -1105,3 +1105,68 @@ fn lying_requests_are_refused_by_field_counted_by_reason_and_a_persistent_liar_i
         assert!(metrics.contains(line), "no `{line}` in:\n{metrics}");
     }
 }
+
+#[test]
+fn a_manifest_written_outside_its_image_folder_is_refused_before_the_job_starts() {
+    let spec = JobSpec {
+        min_workers: 1,
+        max_workers: 1,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    // `arbor index data/ --out elsewhere/manifest.jsonl`, and a job without data.root.
+    std::fs::create_dir(job.path().join("elsewhere")).unwrap();
+    std::fs::copy(
+        job.path().join("data/manifest.jsonl"),
+        job.path().join("elsewhere/manifest.jsonl"),
+    )
+    .unwrap();
+    edit_config(
+        &job,
+        "manifest = \"data/manifest.jsonl\"",
+        "manifest = \"elsewhere/manifest.jsonl\"",
+    );
+    job.start_coordinator();
+    assert!(
+        !job.wait_coordinator(Duration::from_secs(30)),
+        "a job whose every image is missing must not run"
+    );
+    let log = job.coordinator_log();
+    let root = job.path().join("elsewhere");
+    assert!(
+        log.contains(&format!("data.root {}: none of", root.display())),
+        "{log}"
+    );
+    assert!(log.contains("images/00000.bin"), "{log}");
+    // With data.root set, the same manifest runs.
+    edit_config(
+        &job,
+        "manifest = \"elsewhere/manifest.jsonl\"",
+        "manifest = \"elsewhere/manifest.jsonl\"\nroot = \"data\"",
+    );
+    job.start_coordinator();
+    job.wait_until(Duration::from_secs(30), "the coordinator serving", |job| {
+        job.coordinator_log().matches("coordinator serving").count() == 1
+    });
+}
+
+#[test]
+fn workers_get_the_model_path_relative_to_the_job_file() {
+    let mut job = Job::new(&JobSpec {
+        min_workers: 1,
+        max_workers: 1,
+        ..JobSpec::default()
+    });
+    edit_config(&job, "[data]", "[model]\npath = \"models/sd15\"\n\n[data]");
+    job.start_coordinator();
+    let address = job.address();
+    let config_toml = runtime().block_on(async {
+        let (_, reply) = join_as_worker_w(&address).await;
+        reply.job_config_toml
+    });
+    let config = arbor_common::config::JobConfig::load(&config_toml, &[]).unwrap();
+    assert_eq!(
+        std::path::Path::new(&config.model.path),
+        job.path().join("models/sd15")
+    );
+}
