@@ -133,9 +133,7 @@ fn write_progress(out: &mut impl Write, reply: &StatusReply) -> anyhow::Result<(
         return Ok(());
     };
     let eta = match progress.eta_seconds {
-        Some(seconds) if reply.phase == "finished" => {
-            format!("done in {}", short_duration(seconds))
-        }
+        _ if reply.phase == "finished" => "finished".to_string(),
         Some(seconds) => format!("ETA {}", short_duration(seconds)),
         None => "ETA unknown (no step rate yet)".to_string(),
     };
@@ -151,7 +149,7 @@ fn write_progress(out: &mut impl Write, reply: &StatusReply) -> anyhow::Result<(
     writeln!(
         out,
         "epoch {} of {}: batch {} of {} (slowest rank)  last checkpoint {} ago",
-        reply.epoch + 1,
+        (reply.epoch + 1).min(progress.epochs.max(1)),
         progress.epochs,
         progress.epoch_batches_done,
         progress.epoch_batches,

@@ -521,3 +521,45 @@ fn a_checkpoint_interrupted_mid_write_is_never_resumed() {
     assert_metrics_cover_every_step(&job, total_steps, false);
     assert!(run.join("exports/model.safetensors").is_file());
 }
+
+#[test]
+fn a_worker_whose_trainer_cannot_start_fails_the_job_with_the_reason_instead_of_regrouping() {
+    let _serial = one_job_at_a_time();
+    let spec = JobSpec::default();
+    let mut job = Job::new(&spec);
+    let config_path = job.path().join("job.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let model_line = config
+        .lines()
+        .find(|line| line.starts_with("path = "))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &config_path,
+        config.replace(&model_line, "path = \"/nonexistent/arbor-model\""),
+    )
+    .unwrap();
+    job.start_coordinator();
+    job.start_worker(0);
+    job.start_worker(1);
+    let exit = job.wait_coordinator(Duration::from_secs(120));
+    let logs = job.logs();
+    assert!(
+        !exit.success(),
+        "the coordinator must end the job as failed: {exit}\n{logs}"
+    );
+    let failure = job.state()["failure"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        failure.contains("cannot train this job")
+            && failure.contains("the trainer did not start")
+            && failure.contains("/nonexistent/arbor-model"),
+        "{failure}\n{logs}"
+    );
+    assert!(
+        !job.coordinator_log().contains("regroup:"),
+        "no regroup into the same failure:\n{logs}"
+    );
+}

@@ -375,16 +375,21 @@ steps = 2
 
     /// Waits for the coordinator to exit; panics with the logs when it fails or takes too long.
     pub fn wait_coordinator_success(&mut self, limit: Duration) {
+        let status = self.wait_coordinator(limit);
+        assert!(
+            status.success(),
+            "coordinator exited with {status}\n{}",
+            self.logs()
+        );
+    }
+
+    /// Waits for the coordinator to exit; panics with the logs when it takes too long.
+    pub fn wait_coordinator(&mut self, limit: Duration) -> std::process::ExitStatus {
         let child = self.coordinator.as_mut().unwrap();
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "coordinator exited with {status}\n{}",
-                    self.logs()
-                );
-                return;
+                return status;
             }
             if Instant::now() > deadline {
                 panic!("coordinator still running after {limit:?}\n{}", self.logs());

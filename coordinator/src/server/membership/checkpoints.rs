@@ -384,6 +384,13 @@ impl Membership {
                 generations: vec![self.state.generation],
             }];
             self.resume_batch = 0;
+            // The ranks' counts were of the last epoch's plan; their next heartbeats bring
+            // this one's.
+            for id in &self.group {
+                if let Some(entry) = self.workers.get_mut(id) {
+                    entry.batches_done = 0;
+                }
+            }
             self.ledger = EpochLedger::open(self.run_store.clone(), self.state.epoch)?;
             self.start_plan()?;
         }

@@ -474,11 +474,13 @@ impl Membership {
         lines: &[LedgerLine],
     ) -> Result<(), MembershipError> {
         let member = &heartbeat.member;
+        let of_current_plan =
+            heartbeat.epoch == self.state.epoch && heartbeat.segment == self.current_segment();
         let Some(entry) = self.workers.get_mut(&member.worker_id) else {
             return Err(MembershipError::UnknownWorker(member.worker_id.clone()));
         };
         let first_divergence = !heartbeat.loss.is_finite() && entry.non_finite_losses == 0;
-        let added = entry.record_heartbeat(heartbeat);
+        let added = entry.record_heartbeat(heartbeat, of_current_plan);
         for (bin, count) in arbor_runtime::trainer::TOKEN_LENGTH_BINS.iter().zip(added) {
             self.metrics.prompts(bin, count);
         }

@@ -65,8 +65,16 @@ impl WorkerEntry {
 
     /// Books a heartbeat's figures; returns the prompt counts actually added per bin (the
     /// totals saturate instead of wrapping).
-    pub fn record_heartbeat(&mut self, heartbeat: &WorkerHeartbeat) -> [u64; 4] {
-        self.batches_done = heartbeat.batches_done;
+    /// `of_current_plan` says whether the heartbeat's epoch and segment are the current plan's:
+    /// only then is its batch count this worker's progress.
+    pub fn record_heartbeat(
+        &mut self,
+        heartbeat: &WorkerHeartbeat,
+        of_current_plan: bool,
+    ) -> [u64; 4] {
+        if of_current_plan {
+            self.batches_done = heartbeat.batches_done;
+        }
         self.loss = heartbeat.loss;
         if !heartbeat.loss.is_finite() {
             self.non_finite_losses = self.non_finite_losses.saturating_add(1);
@@ -236,11 +244,11 @@ mod tests {
             fatal: false,
         };
         assert_eq!(
-            worker.record_heartbeat(&heartbeat([u64::MAX - 1, 1, 0, 0])),
+            worker.record_heartbeat(&heartbeat([u64::MAX - 1, 1, 0, 0]), true),
             [u64::MAX - 1, 1, 0, 0]
         );
         assert_eq!(
-            worker.record_heartbeat(&heartbeat([5, 1, 0, 0])),
+            worker.record_heartbeat(&heartbeat([5, 1, 0, 0]), true),
             [1, 1, 0, 0]
         );
         assert_eq!(worker.token_length_counts, [u64::MAX, 2, 0, 0]);

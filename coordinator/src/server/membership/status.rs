@@ -113,7 +113,8 @@ pub struct ProgressInputs {
     pub resume_step: u64,
     /// Batches done by the slowest rank of the current plan.
     pub slowest_batches_done: u64,
-    pub finished: bool,
+    /// The job's last step once it finished.
+    pub finished_at_step: Option<u64>,
 }
 
 /// Planned and done optimizer steps, with the fraction done.
@@ -132,8 +133,8 @@ pub fn progress(inputs: &ProgressInputs) -> (u64, u64, f64) {
     if let Some(max_steps) = inputs.max_steps {
         total_steps = total_steps.min(max_steps);
     }
-    if inputs.finished {
-        return (current_step, current_step, 1.0);
+    if let Some(step) = inputs.finished_at_step {
+        return (step, step, 1.0);
     }
     let current_step = current_step.min(total_steps);
     let fraction = if total_steps == 0 {
@@ -171,7 +172,7 @@ impl Membership {
             resume_batch: self.resume_batch,
             resume_step: self.resume_step,
             slowest_batches_done,
-            finished: self.phase == Phase::Finished,
+            finished_at_step: (self.phase == Phase::Finished).then_some(self.state.step),
         }
     }
 
@@ -330,7 +331,7 @@ mod tests {
             resume_batch: 0,
             resume_step: 5,
             slowest_batches_done: 4,
-            finished: false,
+            finished_at_step: None,
         }
     }
 
@@ -343,14 +344,15 @@ mod tests {
             ..inputs()
         };
         assert_eq!(progress(&capped), (14, 7, 0.5));
+        // Finished: the job's own last step, whatever stale heartbeats say.
         let finished = ProgressInputs {
-            finished: true,
+            finished_at_step: Some(18),
             slowest_batches_done: 10,
-            epoch: 3,
-            resume_step: 15,
+            epoch: 4,
+            resume_step: 20,
             ..inputs()
         };
-        assert_eq!(progress(&finished).2, 1.0);
+        assert_eq!(progress(&finished), (18, 18, 1.0));
     }
 
     #[test]
