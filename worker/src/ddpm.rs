@@ -4,18 +4,11 @@
 
 use std::path::Path;
 
+pub use arbor_common::config::PredictionType;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, WorkerError};
-
-/// What the UNet predicts, and so the training target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PredictionType {
-    Epsilon,
-    VPrediction,
-}
 
 /// How betas are spaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
