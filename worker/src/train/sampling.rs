@@ -10,8 +10,8 @@ use arbor_common::config::JobConfig;
 use tch::{Kind, Tensor};
 
 use crate::attention::KvContextTransform;
+use crate::diffusion_samplers::{sample, GuidedPrompt, Sampler, SamplerKind};
 use crate::error::Result;
-use crate::samplers::{sample, GuidedPrompt, Sampler, SamplerKind};
 use crate::train::loss_curve::render_loss_curve;
 use crate::train::run_dir::RunDir;
 use crate::train::sample_grid::images_to_grid_png;

@@ -34,7 +34,7 @@ use crate::model_components::ModelComponents;
 use crate::prompt::{PromptFraming, PromptLayout};
 use crate::tokenizer::ClipTokenizer;
 use crate::train::metrics_log::TokenLengthHistogram;
-use crate::train_step::{diffusion_loss, DiffusionBatch};
+use crate::train::train_step::{diffusion_loss, DiffusionBatch};
 use crate::unet_2d::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
 use crate::weights::export::NamedTensors;
