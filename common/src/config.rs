@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::assign::{AspectMetric, AssignParams};
 use crate::buckets::BucketParams;
+use crate::config_choice;
+pub use crate::config_choice::ConfigChoice;
 use crate::error::{invalid, CommonError};
+pub use crate::learning_rate::{LearningRate, ScheduleEntry};
 
 /// The sections of `job.toml`, in the order they are documented.
 pub const SECTIONS: [&str; 9] = [
@@ -198,29 +201,25 @@ impl Default for ClusterSection {
 pub struct ModelSection {
     /// A diffusers folder or a single-file (LDM) safetensors.
     pub path: String,
-    /// `hypernetwork` or `finetune`.
-    pub mode: String,
+    pub mode: TrainingMode,
     pub clip_skip: u32,
     pub max_chunks: u32,
-    /// What the UNet predicts: `epsilon` (SD1) or `v_prediction`.
-    pub prediction_type: String,
+    pub prediction_type: PredictionType,
     /// In `finetune` mode, also train the CLIP text encoder.
     pub train_text_encoder: bool,
-    /// How long prompts' encoded chunks are laid out: `chunked` (A1111/NovelAI, 77·n states)
-    /// or `kohya` (kohya-ss/sd-scripts, 75·n+2), for models trained with that layout.
-    pub prompt_layout: String,
+    pub prompt_layout: PromptLayout,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
         Self {
             path: String::new(),
-            mode: "hypernetwork".into(),
+            mode: TrainingMode::Hypernetwork,
             clip_skip: 2,
             max_chunks: 3,
-            prediction_type: "epsilon".into(),
+            prediction_type: PredictionType::Epsilon,
             train_text_encoder: false,
-            prompt_layout: "chunked".into(),
+            prompt_layout: PromptLayout::Chunked,
         }
     }
 }
@@ -231,13 +230,12 @@ pub struct TrainSection {
     /// A number or A1111's `rate:step, …` schedule.
     #[serde(deserialize_with = "number_or_string")]
     pub lr: String,
-    pub optimizer: String,
-    pub mixed_precision: String,
+    pub optimizer: Optimizer,
+    pub mixed_precision: MixedPrecision,
     /// Gradient clipping by global L2 norm; 0 turns it off.
     pub max_grad_norm: f64,
-    /// `constant` or `cosine` (cosine decay to 0 over the run after the warmup); ignored when
-    /// `lr` is an A1111 `rate:step, …` schedule.
-    pub lr_scheduler: String,
+    /// Ignored when `lr` is an A1111 `rate:step, …` schedule.
+    pub lr_scheduler: LrScheduler,
     /// Steps of linear warmup from 0 to the learning rate.
     pub lr_warmup_steps: u64,
     /// AdamW's decoupled weight decay.
@@ -258,10 +256,10 @@ impl Default for TrainSection {
     fn default() -> Self {
         Self {
             lr: "5e-5".into(),
-            optimizer: "adamw".into(),
-            mixed_precision: "bf16".into(),
+            optimizer: Optimizer::AdamW,
+            mixed_precision: MixedPrecision::Bf16,
             max_grad_norm: 1.0,
-            lr_scheduler: "constant".into(),
+            lr_scheduler: LrScheduler::Constant,
             lr_warmup_steps: 0,
             weight_decay: 0.01,
             ema_decay: 0.0,
@@ -279,13 +277,10 @@ pub struct HypernetworkSection {
     pub sizes: Vec<u32>,
     /// A1111's `layer_structure`: width multipliers, starting and ending with 1.
     pub layer_structure: Vec<f64>,
-    /// A1111's `activation_func`: linear, relu, leakyrelu, elu, swish, tanh or sigmoid.
-    pub activation: String,
+    pub activation: HypernetworkActivation,
     /// A1111's `is_layer_norm`: a LayerNorm after every Linear.
     pub layer_norm: bool,
-    /// A1111's `weight_initialization`: Normal (0, 0.01; zero bias), XavierUniform,
-    /// XavierNormal, KaimingUniform or KaimingNormal.
-    pub weight_init: String,
+    pub weight_init: HypernetworkWeightInit,
     /// A1111's `use_dropout` (0.3 after every hidden layer while training; none in the export).
     pub dropout: bool,
     /// A1111's `last_layer_dropout`.
@@ -306,9 +301,9 @@ impl Default for HypernetworkSection {
         Self {
             sizes: vec![768, 320, 640, 1280],
             layer_structure: vec![1.0, 2.0, 1.0],
-            activation: "linear".into(),
+            activation: HypernetworkActivation::Linear,
             layer_norm: false,
-            weight_init: "Normal".into(),
+            weight_init: HypernetworkWeightInit::Normal,
             dropout: false,
             last_layer_dropout: false,
             activate_output: false,
@@ -319,24 +314,121 @@ impl Default for HypernetworkSection {
     }
 }
 
-/// A1111's hypernetwork activations that ComfyUI also accepts.
-pub const HYPERNETWORK_ACTIVATIONS: [&str; 7] = [
-    "linear",
-    "relu",
-    "leakyrelu",
-    "elu",
-    "swish",
-    "tanh",
-    "sigmoid",
-];
-/// A1111's hypernetwork weight initialisations.
-pub const HYPERNETWORK_WEIGHT_INITS: [&str; 5] = [
-    "Normal",
-    "XavierUniform",
-    "XavierNormal",
-    "KaimingUniform",
-    "KaimingNormal",
-];
+config_choice! {
+    /// What a run trains (`model.mode`).
+    #[derive(Default)]
+    pub enum TrainingMode("model.mode") {
+        /// Only the hypernetwork modules; CLIP, UNet and VAE are frozen.
+        #[default]
+        Hypernetwork = "hypernetwork",
+        /// The UNet, plus the text encoder when `model.train_text_encoder`.
+        Finetune = "finetune",
+    }
+}
+
+config_choice! {
+    /// What the UNet predicts, and so the training target (`model.prediction_type`, and
+    /// diffusers' `prediction_type` in `scheduler_config.json`).
+    #[derive(Default)]
+    pub enum PredictionType("model.prediction_type") {
+        /// The noise (SD1).
+        #[default]
+        Epsilon = "epsilon",
+        /// The velocity `ᾱ^½·ε − (1−ᾱ)^½·x0`.
+        VPrediction = "v_prediction",
+    }
+}
+
+config_choice! {
+    /// How long prompts' encoded chunks are laid out in the conditioning tensor
+    /// (`model.prompt_layout`).
+    #[derive(Default)]
+    pub enum PromptLayout("model.prompt_layout") {
+        /// A1111/NovelAI: every chunk's 77 states concatenated, 77·n.
+        #[default]
+        Chunked = "chunked",
+        /// kohya-ss/sd-scripts: the first chunk's BOS state, each chunk's 75 inner states and the
+        /// last chunk's EOS state, 75·n+2.
+        Kohya = "kohya",
+    }
+}
+
+config_choice! {
+    /// The optimizer (`train.optimizer`).
+    #[derive(Default)]
+    pub enum Optimizer("train.optimizer") {
+        #[default]
+        AdamW = "adamw",
+    }
+}
+
+config_choice! {
+    /// The precision of the forward passes (`train.mixed_precision`).
+    #[derive(Default)]
+    pub enum MixedPrecision("train.mixed_precision") {
+        /// bf16 autocast on CUDA (parameters and optimizer state stay fp32); fp32 on the CPU.
+        #[default]
+        Bf16 = "bf16",
+        Fp32 = "fp32",
+        /// No mixed precision: fp32.
+        No = "no",
+    }
+}
+
+config_choice! {
+    /// How a numeric `train.lr` changes over the run (`train.lr_scheduler`).
+    #[derive(Default)]
+    pub enum LrScheduler("train.lr_scheduler") {
+        /// The rate after the warmup.
+        #[default]
+        Constant = "constant",
+        /// Cosine decay to 0 over the run after the warmup.
+        Cosine = "cosine",
+    }
+}
+
+config_choice! {
+    /// A1111's hypernetwork `activation_func` (`hypernetwork.activation`), those ComfyUI also
+    /// accepts.
+    #[derive(Default)]
+    pub enum HypernetworkActivation("hypernetwork.activation") {
+        #[default]
+        Linear = "linear",
+        Relu = "relu",
+        LeakyRelu = "leakyrelu",
+        Elu = "elu",
+        /// A1111's "swish" is `torch.nn.Hardswish`.
+        Swish = "swish",
+        Tanh = "tanh",
+        Sigmoid = "sigmoid",
+    }
+}
+
+config_choice! {
+    /// A1111's hypernetwork `weight_initialization` (`hypernetwork.weight_init`).
+    #[derive(Default)]
+    pub enum HypernetworkWeightInit("hypernetwork.weight_init") {
+        /// Linear weights from N(0, 0.01), zero bias.
+        #[default]
+        Normal = "Normal",
+        XavierUniform = "XavierUniform",
+        XavierNormal = "XavierNormal",
+        KaimingUniform = "KaimingUniform",
+        KaimingNormal = "KaimingNormal",
+    }
+}
+
+config_choice! {
+    /// The diffusion sampler of sample grids (`samples.sampler`).
+    #[derive(Default)]
+    pub enum SamplerKind("samples.sampler") {
+        /// diffusers' `DDIMScheduler`, eta 0.
+        #[default]
+        Ddim = "ddim",
+        /// diffusers' `EulerDiscreteScheduler`.
+        Euler = "euler",
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -346,7 +438,7 @@ pub struct SamplesSection {
     pub negative: String,
     pub steps: u32,
     pub guidance: f64,
-    pub sampler: String,
+    pub sampler: SamplerKind,
     /// The hypernetwork's strength in sample grids (A1111's multiplier; training always uses 1).
     pub hypernetwork_multiplier: f64,
 }
@@ -359,7 +451,7 @@ impl Default for SamplesSection {
             negative: String::new(),
             steps: 20,
             guidance: 7.0,
-            sampler: "ddim".into(),
+            sampler: SamplerKind::Ddim,
             hypernetwork_multiplier: 1.0,
         }
     }
@@ -490,25 +582,24 @@ impl JobConfig {
             };
             section.insert(item.key.clone(), parse_scalar(&item.value));
         }
-        let config: JobConfig = toml::Value::Table(document)
-            .try_into()
-            .map_err(|error: toml::de::Error| invalid("job.toml", error.message().to_string()))?;
+        let config: JobConfig = serde_path_to_error::deserialize(toml::Value::Table(document))
+            .map_err(|error| {
+                let path = error.path().to_string();
+                CommonError::InvalidConfig {
+                    path: if path == "." {
+                        "job.toml".to_string()
+                    } else {
+                        path
+                    },
+                    reason: error.inner().message().to_string(),
+                }
+            })?;
         config.validate()?;
         Ok(config)
     }
 
     fn validate_hypernetwork(&self) -> Result<(), CommonError> {
         let section = &self.hypernetwork;
-        expect_one_of(
-            "hypernetwork.activation",
-            &section.activation,
-            &HYPERNETWORK_ACTIVATIONS,
-        )?;
-        expect_one_of(
-            "hypernetwork.weight_init",
-            &section.weight_init,
-            &HYPERNETWORK_WEIGHT_INITS,
-        )?;
         let structure = &section.layer_structure;
         if structure.len() < 2 || structure.first() != Some(&1.0) || structure.last() != Some(&1.0)
         {
@@ -626,22 +717,12 @@ impl JobConfig {
                 format!("must be at most {MAX_PREFETCH_BATCHES} (each batch in flight holds its pixels in memory)"),
             ));
         }
-        expect_one_of(
-            "model.mode",
-            &self.model.mode,
-            &["hypernetwork", "finetune"],
-        )?;
         if !(1..=2).contains(&self.model.clip_skip) {
             return Err(invalid("model.clip_skip", "must be 1 or 2"));
         }
         if self.model.max_chunks == 0 {
             return Err(invalid("model.max_chunks", "must be at least 1"));
         }
-        expect_one_of(
-            "model.prediction_type",
-            &self.model.prediction_type,
-            &["epsilon", "v_prediction"],
-        )?;
         self.validate_hypernetwork()?;
         if !self.samples.hypernetwork_multiplier.is_finite() {
             return Err(invalid(
@@ -649,36 +730,22 @@ impl JobConfig {
                 "must be a finite number",
             ));
         }
-        expect_one_of(
-            "model.prompt_layout",
-            &self.model.prompt_layout,
-            &["chunked", "kohya"],
-        )?;
         let train = &self.train;
-        if train.optimizer != "adamw" {
-            return Err(invalid(
-                "train.optimizer",
-                format!("only `adamw` is supported, got `{}`", train.optimizer),
-            ));
-        }
-        expect_one_of(
-            "train.mixed_precision",
-            &train.mixed_precision,
-            &["bf16", "fp32", "no"],
-        )?;
-        expect_one_of(
-            "train.lr_scheduler",
-            &train.lr_scheduler,
-            &["constant", "cosine"],
-        )?;
-        if train.max_grad_norm.is_nan() || train.max_grad_norm < 0.0 {
+        LearningRate::parse(&train.lr)?;
+        if !(train.max_grad_norm.is_finite() && train.max_grad_norm >= 0.0) {
             return Err(invalid(
                 "train.max_grad_norm",
-                "must be 0 (off) or positive",
+                format!(
+                    "must be 0 (off) or a finite positive number, got {}",
+                    train.max_grad_norm
+                ),
             ));
         }
-        if train.weight_decay.is_nan() || train.weight_decay < 0.0 {
-            return Err(invalid("train.weight_decay", "must not be negative"));
+        if !(train.weight_decay.is_finite() && train.weight_decay >= 0.0) {
+            return Err(invalid(
+                "train.weight_decay",
+                format!("must be a finite number >= 0, got {}", train.weight_decay),
+            ));
         }
         if !(0.0..1.0).contains(&train.ema_decay) {
             return Err(invalid(
@@ -689,7 +756,12 @@ impl JobConfig {
         if self.samples.steps == 0 {
             return Err(invalid("samples.steps", "must be at least 1"));
         }
-        expect_one_of("samples.sampler", &self.samples.sampler, &["ddim", "euler"])?;
+        if !self.samples.guidance.is_finite() {
+            return Err(invalid(
+                "samples.guidance",
+                format!("must be a finite number, got {}", self.samples.guidance),
+            ));
+        }
         Ok(())
     }
 
@@ -799,21 +871,6 @@ pub fn known_keys() -> BTreeMap<&'static str, Vec<String>> {
     keys
 }
 
-/// Refuses `value` unless it is one of `allowed`, naming the field and the choices
-/// ("expected `a`, `b` or `c`, got `x`").
-fn expect_one_of(field: &'static str, value: &str, allowed: &[&str]) -> Result<(), CommonError> {
-    if allowed.contains(&value) {
-        return Ok(());
-    }
-    let quoted: Vec<String> = allowed.iter().map(|choice| format!("`{choice}`")).collect();
-    let choices = match quoted.split_last() {
-        Some((last, [])) => last.clone(),
-        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
-        None => "nothing".to_string(),
-    };
-    Err(invalid(field, format!("expected {choices}, got `{value}`")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -870,7 +927,8 @@ mod tests {
 
     #[test]
     fn a_value_outside_its_choices_is_refused_with_them() {
-        let error = expect_one_of("train.mixed_precision", "fp8", &["bf16", "fp32", "no"])
+        let overrides = [Override::from_flag("train.mixed_precision=fp8").unwrap()];
+        let error = JobConfig::load(EXAMPLE_CONFIG, &overrides)
             .unwrap_err()
             .to_string();
         assert!(
@@ -878,7 +936,154 @@ mod tests {
                 && error.contains("expected `bf16`, `fp32` or `no`, got `fp8`"),
             "{error}"
         );
-        assert!(expect_one_of("model.mode", "finetune", &["hypernetwork", "finetune"]).is_ok());
+        let overrides = [Override::from_flag("model.mode=finetune").unwrap()];
+        assert_eq!(
+            JobConfig::load(EXAMPLE_CONFIG, &overrides)
+                .unwrap()
+                .model
+                .mode,
+            TrainingMode::Finetune
+        );
+    }
+
+    /// Every name of `Choice` loads through `field` and serialises back to itself; any other
+    /// name is refused naming the field and every allowed name.
+    fn check_choice<Choice>(field: &str, read: impl Fn(&JobConfig) -> Choice)
+    where
+        Choice: ConfigChoice
+            + std::fmt::Debug
+            + std::fmt::Display
+            + std::str::FromStr<Err = CommonError>,
+    {
+        assert_eq!(Choice::FIELD, field);
+        for &choice in Choice::ALL {
+            let name = choice.name();
+            let overrides = [Override::from_flag(&format!("{field}={name}")).unwrap()];
+            let config = JobConfig::load(EXAMPLE_CONFIG, &overrides).unwrap();
+            assert_eq!(read(&config), choice, "{field}={name}");
+            assert_eq!(choice.to_string(), name);
+            assert!(name.parse::<Choice>().is_ok_and(|parsed| parsed == choice));
+            let (section, key) = field.split_once('.').unwrap();
+            let written: toml::Table = config.to_toml().parse().unwrap();
+            assert_eq!(written[section][key].as_str(), Some(name), "{field}");
+            let reloaded = JobConfig::load(&config.to_toml(), &[]).unwrap();
+            assert_eq!(reloaded.digest(), config.digest(), "{field}={name}");
+        }
+        for bad in ["nosuch", "", "Linear-ish"] {
+            let overrides = [Override::from_flag(&format!("{field}={bad}")).unwrap()];
+            let error = JobConfig::load(EXAMPLE_CONFIG, &overrides)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(field), "{field}={bad}: {error}");
+            assert!(error.contains(&format!("got `{bad}`")), "{error}");
+            for &choice in Choice::ALL {
+                assert!(
+                    error.contains(&format!("`{}`", choice.name())),
+                    "{field}={bad}: {error}"
+                );
+            }
+            let parse_error = bad.parse::<Choice>().unwrap_err().to_string();
+            assert!(parse_error.contains(field), "{parse_error}");
+        }
+    }
+
+    #[test]
+    fn every_choice_round_trips_and_others_are_refused_with_the_field() {
+        check_choice("model.mode", |config| config.model.mode);
+        check_choice("model.prediction_type", |config| {
+            config.model.prediction_type
+        });
+        check_choice("model.prompt_layout", |config| config.model.prompt_layout);
+        check_choice("train.optimizer", |config| config.train.optimizer);
+        check_choice("train.mixed_precision", |config| {
+            config.train.mixed_precision
+        });
+        check_choice("train.lr_scheduler", |config| config.train.lr_scheduler);
+        check_choice("hypernetwork.activation", |config| {
+            config.hypernetwork.activation
+        });
+        check_choice("hypernetwork.weight_init", |config| {
+            config.hypernetwork.weight_init
+        });
+        check_choice("samples.sampler", |config| config.samples.sampler);
+    }
+
+    #[test]
+    fn the_example_serialises_choices_as_it_spells_them() {
+        let example: toml::Table = EXAMPLE_CONFIG.parse().unwrap();
+        let written: toml::Table = JobConfig::load(EXAMPLE_CONFIG, &[])
+            .unwrap()
+            .to_toml()
+            .parse()
+            .unwrap();
+        for (section, key) in [
+            ("model", "mode"),
+            ("model", "prediction_type"),
+            ("model", "prompt_layout"),
+            ("train", "optimizer"),
+            ("train", "mixed_precision"),
+            ("train", "lr_scheduler"),
+            ("hypernetwork", "activation"),
+            ("hypernetwork", "weight_init"),
+            ("samples", "sampler"),
+        ] {
+            assert_eq!(
+                example[section][key], written[section][key],
+                "{section}.{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_learning_rate_is_refused_at_load() {
+        for (value, expected) in [
+            ("0", "> 0"),
+            ("-1e-4", ">= 0"),
+            ("nan", "train.lr"),
+            ("\"1e-4:10, 1e-5:5\"", "1e-5:5"),
+        ] {
+            let overrides = [Override::from_flag(&format!("train.lr={value}")).unwrap()];
+            let error = JobConfig::load(EXAMPLE_CONFIG, &overrides)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("train.lr") && error.contains(expected),
+                "{value}: {error}"
+            );
+        }
+        let schedule = [Override::from_flag("train.lr=\"1e-4:10, 1e-5\"").unwrap()];
+        assert!(JobConfig::load(EXAMPLE_CONFIG, &schedule).is_ok());
+    }
+
+    #[test]
+    fn other_numbers_are_refused_with_their_bound() {
+        let cases = [
+            ("train.max_grad_norm=inf", "train.max_grad_norm", "finite"),
+            ("train.weight_decay=nan", "train.weight_decay", ">= 0"),
+            ("samples.guidance=inf", "samples.guidance", "finite"),
+        ];
+        for (flag, field, bound) in cases {
+            let overrides = [Override::from_flag(flag).unwrap()];
+            let error = JobConfig::load(EXAMPLE_CONFIG, &overrides)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(field) && error.contains(bound),
+                "{flag}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_wrong_type_names_its_dotted_key() {
+        let overrides = [Override::from_flag("schedule.bsz=\"four\"").unwrap()];
+        let error = JobConfig::load(EXAMPLE_CONFIG, &overrides)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("schedule.bsz"), "{error}");
+        let text = EXAMPLE_CONFIG.replace("min_workers = 1", "min_wrokers = 1");
+        let error = JobConfig::load(&text, &[]).unwrap_err().to_string();
+        assert!(error.contains("cluster"), "{error}");
     }
 
     #[test]

@@ -8,6 +8,10 @@ pub enum CommonError {
     /// A bucket, plan or sampler parameter is out of range.
     #[error("invalid parameter `{field}`: {reason}")]
     InvalidParameter { field: &'static str, reason: String },
+    /// A `job.toml` value that does not deserialise (an unknown key, a wrong type, a name
+    /// outside its choices), with its dotted key.
+    #[error("invalid config value `{path}`: {reason}")]
+    InvalidConfig { path: String, reason: String },
     /// An image size that cannot be bucketed or cropped (a zero dimension).
     #[error(
         "invalid image size {width}x{height} for item {item_id}: width and height must be positive"

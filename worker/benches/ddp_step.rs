@@ -36,7 +36,7 @@ use arbor_worker::ddpm::DdpmSchedule;
 use arbor_worker::train::adamw::{AdamW, AdamWConfig};
 use arbor_worker::train::distributed_step::{DistributedStep, StepSettings};
 use arbor_worker::train::grad_clip::clip_grad_norm;
-use arbor_worker::train_step::{diffusion_loss, DiffusionBatch, DiffusionLoss};
+use arbor_worker::train::train_step::{diffusion_loss, DiffusionBatch, DiffusionLoss};
 use arbor_worker::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use tch::{nn, Device, Kind, Tensor};
 

@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use arbor_worker::ddpm::DdpmSchedule;
 use arbor_worker::train::adamw::AdamW;
-use arbor_worker::train_step::{adamw, optimizer_step, DiffusionBatch};
+use arbor_worker::train::train_step::{adamw, optimizer_step, DiffusionBatch};
 use arbor_worker::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use tch::{nn, Device, Kind, Tensor};
 

@@ -4,18 +4,12 @@
 
 use std::path::Path;
 
+pub use arbor_common::config::PredictionType;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::diffusers_config::load_diffusers_config;
 use crate::error::{Result, WorkerError};
-
-/// What the UNet predicts, and so the training target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PredictionType {
-    Epsilon,
-    VPrediction,
-}
 
 /// How betas are spaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -39,58 +33,41 @@ pub enum TimestepSpacing {
 /// DDPM/DDIM/PNDM/Euler schedulers). Unknown keys are ignored on purpose (an upstream format);
 /// keys that would change the schedule are checked.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct SchedulerConfig {
-    #[serde(default = "default_train_timesteps")]
     pub num_train_timesteps: i64,
-    #[serde(default = "default_beta_start")]
     pub beta_start: f64,
-    #[serde(default = "default_beta_end")]
     pub beta_end: f64,
-    #[serde(default = "default_beta_schedule")]
     pub beta_schedule: BetaSchedule,
-    #[serde(default = "default_prediction_type")]
     pub prediction_type: PredictionType,
-    #[serde(default = "default_steps_offset")]
     pub steps_offset: i64,
     /// DDIM's final ᾱ is 1 (true, diffusers' default when the key is absent) or ᾱ_0.
-    #[serde(default = "yes")]
     pub set_alpha_to_one: bool,
-    #[serde(default = "default_spacing")]
     pub timestep_spacing: TimestepSpacing,
-    #[serde(default)]
     trained_betas: Option<serde_json::Value>,
-    #[serde(default)]
     rescale_betas_zero_snr: bool,
 }
 
-fn default_train_timesteps() -> i64 {
-    1000
-}
-fn default_beta_start() -> f64 {
-    0.00085
-}
-fn default_beta_end() -> f64 {
-    0.012
-}
-fn default_beta_schedule() -> BetaSchedule {
-    BetaSchedule::ScaledLinear
-}
-fn default_prediction_type() -> PredictionType {
-    PredictionType::Epsilon
-}
-fn default_steps_offset() -> i64 {
-    1
-}
-fn yes() -> bool {
-    true
-}
-fn default_spacing() -> TimestepSpacing {
-    TimestepSpacing::Leading
-}
-
+/// The values of keys a `scheduler_config.json` leaves out: Stable Diffusion 1.x's schedule
+/// (scaled_linear 0.00085–0.012 over 1000 steps, epsilon, `steps_offset` 1), which every SD1
+/// folder writes out anyway, rather than `DDPMScheduler.__init__`'s linear 0.0001–0.02
+/// (<https://github.com/huggingface/diffusers/blob/main/src/diffusers/schedulers/scheduling_ddpm.py>);
+/// `set_alpha_to_one` is `DDIMScheduler.__init__`'s true
+/// (<https://github.com/huggingface/diffusers/blob/main/src/diffusers/schedulers/scheduling_ddim.py>).
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self::sd1()
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: BetaSchedule::ScaledLinear,
+            prediction_type: PredictionType::Epsilon,
+            steps_offset: 1,
+            set_alpha_to_one: true,
+            timestep_spacing: TimestepSpacing::Leading,
+            trained_betas: None,
+            rescale_betas_zero_snr: false,
+        }
     }
 }
 
@@ -99,26 +76,14 @@ impl SchedulerConfig {
     /// steps, epsilon, steps_offset 1, set_alpha_to_one false.
     pub fn sd1() -> Self {
         Self {
-            num_train_timesteps: default_train_timesteps(),
-            beta_start: default_beta_start(),
-            beta_end: default_beta_end(),
-            beta_schedule: default_beta_schedule(),
-            prediction_type: default_prediction_type(),
-            steps_offset: default_steps_offset(),
             set_alpha_to_one: false,
-            timestep_spacing: default_spacing(),
-            trained_betas: None,
-            rescale_betas_zero_snr: false,
+            ..Self::default()
         }
     }
 
     /// Reads and validates a diffusers `scheduler_config.json`.
     pub fn from_diffusers_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(WorkerError::io(path))?;
-        let config: Self = serde_json::from_str(&text).map_err(|source| WorkerError::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let config: Self = load_diffusers_config(path)?;
         config.validate(path)?;
         Ok(config)
     }

@@ -65,6 +65,9 @@ pub enum WorkerError {
     Data(#[from] arbor_data::DataError),
     #[error("training: {0}")]
     Training(String),
+    /// A `job.toml` value refused by `arbor-common` (it names the field).
+    #[error("{0}")]
+    JobConfig(#[from] arbor_common::CommonError),
 }
 
 impl WorkerError {

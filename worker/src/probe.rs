@@ -25,7 +25,7 @@ use crate::error::{Result, WorkerError};
 use crate::hypernetwork::Hypernetwork;
 use crate::model_components::ModelComponents;
 use crate::prompt::PromptLayout;
-use crate::train_step::{loss_and_gradients, DiffusionBatch};
+use crate::train::train_step::{loss_and_gradients, DiffusionBatch};
 use crate::weights::Component;
 
 /// An input group: its prefix and the names it needs.

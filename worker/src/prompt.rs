@@ -6,7 +6,7 @@
 //! EOS for SD1), longer ones truncated, and each chunk is framed BOS + 75 + EOS, giving 77·n ids.
 //! The unconditional prompt is framed to the same n as the conditional one.
 
-use serde::Deserialize;
+pub use arbor_common::config::PromptLayout;
 use tch::{Kind, Tensor};
 
 use crate::error::{Result, WorkerError};
@@ -18,18 +18,6 @@ pub const CHUNK_TOKENS: usize = 75;
 pub const FRAMED_CHUNK_TOKENS: usize = CHUNK_TOKENS + 2;
 /// NovelAI's default: 3 chunks, 225 tokens.
 pub const DEFAULT_MAX_CHUNKS: usize = 3;
-
-/// How the encoded chunks are laid out in the conditioning tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum PromptLayout {
-    /// A1111/NovelAI: every chunk's 77 states concatenated, 77·n.
-    #[default]
-    Chunked,
-    /// kohya-ss/sd-scripts: the first chunk's BOS state, each chunk's 75 inner states and the
-    /// last chunk's EOS state, 75·n+2.
-    Kohya,
-}
 
 /// The special ids used for framing and how many chunks a prompt may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -122,19 +122,35 @@ pub struct DownBlock {
     downsampler: Option<Downsample2D>,
 }
 
+/// The shape of one down block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DownBlockConfig {
+    /// Resnets (and, with cross-attention, transformers).
+    pub num_layers: i64,
+    pub in_channels: i64,
+    pub out_channels: i64,
+    /// `CrossAttnDownBlock2D` (a transformer after each resnet) rather than `DownBlock2D`.
+    pub with_cross_attention: bool,
+    /// Halve the resolution at the end (every block but the last).
+    pub add_downsample: bool,
+    pub downsample_padding: i64,
+}
+
 impl DownBlock {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         vs: nn::Path,
         settings: &BlockSettings,
-        num_layers: i64,
-        in_channels: i64,
-        out_channels: i64,
-        with_cross_attention: bool,
-        add_downsample: bool,
-        downsample_padding: i64,
+        config: &DownBlockConfig,
         placement: LayerPlacement,
     ) -> Self {
+        let DownBlockConfig {
+            num_layers,
+            in_channels,
+            out_channels,
+            with_cross_attention,
+            add_downsample,
+            downsample_padding,
+        } = *config;
         let resnets = (0..num_layers)
             .map(|index| {
                 let from = if index == 0 {
@@ -273,19 +289,37 @@ pub struct UpBlock {
     upsampler: Option<Upsample2D>,
 }
 
+/// The shape of one up block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpBlockConfig {
+    /// Resnets (and, with cross-attention, transformers): the mirrored down block's plus one.
+    pub num_layers: i64,
+    /// The channels of the mirrored down block's input (its last skip connection's width).
+    pub in_channels: i64,
+    /// The channels coming from the block below.
+    pub prev_output_channels: i64,
+    pub out_channels: i64,
+    /// `CrossAttnUpBlock2D` (a transformer after each resnet) rather than `UpBlock2D`.
+    pub with_cross_attention: bool,
+    /// Double the resolution at the end (every block but the last).
+    pub add_upsample: bool,
+}
+
 impl UpBlock {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         vs: nn::Path,
         settings: &BlockSettings,
-        num_layers: i64,
-        in_channels: i64,
-        prev_output_channels: i64,
-        out_channels: i64,
-        with_cross_attention: bool,
-        add_upsample: bool,
+        config: &UpBlockConfig,
         placement: LayerPlacement,
     ) -> Self {
+        let UpBlockConfig {
+            num_layers,
+            in_channels,
+            prev_output_channels,
+            out_channels,
+            with_cross_attention,
+            add_upsample,
+        } = *config;
         let resnets = (0..num_layers)
             .map(|index| {
                 let skip_channels = if index == num_layers - 1 {

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use tch::{nn, nn::Module, Tensor};
 
 use crate::attention::GroupNormSelfAttention;
+use crate::diffusers_config::{config_error, load_diffusers_config, parse_diffusers_config};
 use crate::error::{Result, WorkerError};
 use crate::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use crate::unet_blocks::{Downsample2D, Upsample2D};
@@ -30,98 +31,63 @@ pub struct AutoencoderKLConfig {
     pub mid_block_add_attention: bool,
 }
 
-/// diffusers' vae config.json. Unknown keys are ignored on purpose (an upstream format that
-/// grows keys); the keys that change the computation are used or checked.
+/// diffusers' vae config.json (worker/src/diffusers_config.rs). Unknown keys are ignored on
+/// purpose (an upstream format that grows keys); the keys that change the computation are used
+/// or checked.
 #[derive(Debug, Deserialize)]
+#[serde(default)]
 struct DiffusersVaeConfig {
-    #[serde(default = "three")]
     in_channels: i64,
-    #[serde(default = "three")]
     out_channels: i64,
-    #[serde(default = "default_down_blocks")]
     down_block_types: Vec<String>,
-    #[serde(default = "default_up_blocks")]
     up_block_types: Vec<String>,
-    #[serde(default = "default_block_out_channels")]
     block_out_channels: Vec<i64>,
-    #[serde(default = "one")]
     layers_per_block: i64,
-    #[serde(default = "silu")]
     act_fn: String,
-    #[serde(default = "four")]
     latent_channels: i64,
-    #[serde(default = "thirty_two")]
     norm_num_groups: i64,
-    #[serde(default = "sd1_scaling_factor")]
     scaling_factor: f64,
-    #[serde(default)]
     shift_factor: Option<f64>,
-    #[serde(default = "yes")]
     use_quant_conv: bool,
-    #[serde(default = "yes")]
     use_post_quant_conv: bool,
-    #[serde(default = "yes")]
     mid_block_add_attention: bool,
 }
 
-fn one() -> i64 {
-    1
-}
-fn three() -> i64 {
-    3
-}
-fn four() -> i64 {
-    4
-}
-fn thirty_two() -> i64 {
-    32
-}
-fn yes() -> bool {
-    true
-}
-fn silu() -> String {
-    "silu".to_string()
-}
-fn sd1_scaling_factor() -> f64 {
-    0.18215
-}
-fn default_down_blocks() -> Vec<String> {
-    vec!["DownEncoderBlock2D".to_string()]
-}
-fn default_up_blocks() -> Vec<String> {
-    vec!["UpDecoderBlock2D".to_string()]
-}
-fn default_block_out_channels() -> Vec<i64> {
-    vec![64]
-}
-
-fn config_error(source: &Path, field: &str, message: impl Into<String>) -> WorkerError {
-    WorkerError::Config {
-        path: source.to_path_buf(),
-        field: field.to_string(),
-        message: message.into(),
+/// The defaults of `AutoencoderKL.__init__`
+/// (<https://github.com/huggingface/diffusers/blob/main/src/diffusers/models/autoencoders/autoencoder_kl.py>).
+impl Default for DiffusersVaeConfig {
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".to_string()],
+            up_block_types: vec!["UpDecoderBlock2D".to_string()],
+            block_out_channels: vec![64],
+            layers_per_block: 1,
+            act_fn: "silu".to_string(),
+            latent_channels: 4,
+            norm_num_groups: 32,
+            scaling_factor: 0.18215,
+            shift_factor: None,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+        }
     }
 }
 
 impl AutoencoderKLConfig {
     /// Reads and validates a diffusers `vae/config.json`.
     pub fn from_diffusers_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(WorkerError::io(path))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| WorkerError::Json {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        Self::from_diffusers_value(&value, path)
+        Self::from_raw(load_diffusers_config(path)?, path)
     }
 
     /// Validates a parsed diffusers vae config; `source` names it in errors.
     pub fn from_diffusers_value(value: &serde_json::Value, source: &Path) -> Result<Self> {
-        let raw: DiffusersVaeConfig =
-            serde_json::from_value(value.clone()).map_err(|error| WorkerError::Json {
-                path: source.to_path_buf(),
-                source: error,
-            })?;
+        Self::from_raw(parse_diffusers_config(value, source)?, source)
+    }
+
+    fn from_raw(raw: DiffusersVaeConfig, source: &Path) -> Result<Self> {
         let blocks = raw.block_out_channels.len();
         if blocks == 0 {
             return Err(config_error(

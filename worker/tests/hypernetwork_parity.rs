@@ -5,7 +5,7 @@
 
 mod hypernetwork_fixtures;
 
-use arbor_worker::hypernetwork::module::{Activation, HypernetworkModule, HypernetworkStructure};
+use arbor_worker::hypernetwork::module::{HypernetworkModule, HypernetworkStructure};
 use arbor_worker::hypernetwork::Hypernetwork;
 use hypernetwork_fixtures::{
     fixtures_dir, get, load_unet, max_abs_diff, read_tensors, ACTIVATIONS, CASES, FORWARD_ATOL,
@@ -90,10 +90,11 @@ fn torch_saved_hypernetworks_match_diffusers_forward_and_gradients() {
 #[test]
 fn every_activation_matches_the_a1111_module() {
     let tensors = read_tensors(&fixtures_dir().join("activations.safetensors"));
-    for name in ACTIVATIONS {
+    for &activation in ACTIVATIONS {
+        let name = activation.as_str();
         let structure = HypernetworkStructure {
             layer_structure: vec![1.0, 2.0, 1.0],
-            activation: Activation::from_a1111_name(Some(name)).unwrap(),
+            activation,
             activate_output: true,
             ..Default::default()
         };

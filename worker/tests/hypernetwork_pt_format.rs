@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::io::Read;
 
 use arbor_worker::attention::{AttentionLayerInfo, KvContextTransform, UNetBlockPosition};
-use arbor_worker::hypernetwork::module::{Activation, HypernetworkStructure, WeightInit};
+use arbor_worker::hypernetwork::module::{
+    HypernetworkActivation, HypernetworkStructure, HypernetworkWeightInit,
+};
 use arbor_worker::hypernetwork::pt_reader::read_pt;
 use arbor_worker::hypernetwork::pt_writer::PtDtype;
 use arbor_worker::hypernetwork::restricted_pickle::read_pickle;
@@ -101,10 +103,7 @@ fn exported_pt_loads_in_torch_weights_only_into_a1111_modules_with_the_same_outp
             assert!(error <= 1e-5, "{case} module {name}: error {error:e}");
         }
         let structure = hypernetwork.structure();
-        assert_eq!(
-            metadata["activation_func"],
-            structure.activation.a1111_name()
-        );
+        assert_eq!(metadata["activation_func"], structure.activation.as_str());
         assert_eq!(metadata["is_layer_norm"], structure.is_layer_norm);
         assert_eq!(metadata["activate_output"], structure.activate_output);
         assert_eq!(metadata["use_dropout"], false, "exported for inference");
@@ -396,8 +395,8 @@ fn a_truncated_or_foreign_file_is_a_clear_error() {
 #[test]
 fn modules_are_picked_by_context_width_and_chain_in_order() {
     let structure = HypernetworkStructure {
-        activation: Activation::Tanh,
-        weight_init: WeightInit::XavierUniform,
+        activation: HypernetworkActivation::Tanh,
+        weight_init: HypernetworkWeightInit::XavierUniform,
         ..Default::default()
     };
     tch::manual_seed(5);

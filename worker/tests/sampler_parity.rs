@@ -4,7 +4,7 @@
 mod model_fixtures;
 
 use arbor_worker::ddpm::{DdpmSchedule, SchedulerConfig};
-use arbor_worker::samplers::{sample, GuidedPrompt, Sampler, SamplerKind};
+use arbor_worker::diffusion_samplers::{sample, GuidedPrompt, Sampler, SamplerKind};
 use arbor_worker::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use arbor_worker::WorkerError;
 use model_fixtures::{assert_close, fixtures_dir, get, sampler_goldens};

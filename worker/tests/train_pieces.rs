@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
+use arbor_common::config::LrScheduler;
 use arbor_worker::train::adamw::{AdamW, AdamWConfig};
 use arbor_worker::train::caption_augment::CaptionAugment;
 use arbor_worker::train::ema::Ema;
@@ -468,7 +469,7 @@ fn ema_state_round_trips_and_a_missing_tensor_is_named() {
 fn constant_and_cosine_schedules_match_diffusers() {
     let schedules = json("schedules.json");
     for case in schedules["diffusers"].as_array().unwrap() {
-        let kind = case["kind"].as_str().unwrap();
+        let kind: LrScheduler = case["kind"].as_str().unwrap().parse().unwrap();
         let rate = case["lr"].as_f64().unwrap();
         let schedule = LrSchedule::from_config(
             &rate.to_string(),
@@ -495,7 +496,7 @@ fn a1111_schedules_match_learn_schedule_rates_and_end_of_training() {
     for case in schedules["a1111"].as_array().unwrap() {
         let text = case["lr"].as_str().unwrap();
         let max_steps = case["max_steps"].as_u64().unwrap();
-        let schedule = LrSchedule::from_config(text, "constant", 0, max_steps).unwrap();
+        let schedule = LrSchedule::from_config(text, LrScheduler::Constant, 0, max_steps).unwrap();
         let rates = case["rates"].as_array().unwrap();
         for (step, expected) in rates.iter().enumerate() {
             let expected = expected.as_f64().unwrap();
@@ -518,7 +519,8 @@ fn a1111_schedules_match_learn_schedule_rates_and_end_of_training() {
 
 #[test]
 fn a1111_schedule_with_warmup_ramps_the_first_entry() {
-    let schedule = LrSchedule::from_config("0.01:10, 0.001", "constant", 4, 100).unwrap();
+    let schedule =
+        LrSchedule::from_config("0.01:10, 0.001", LrScheduler::Constant, 4, 100).unwrap();
     let rates: Vec<f64> = (0..12).map(|step| schedule.learning_rate(step)).collect();
     assert_eq!(&rates[..4], &[0.0, 0.0025, 0.005, 0.0075]);
     assert_eq!(rates[4], 0.01);
@@ -541,7 +543,7 @@ fn malformed_schedules_are_errors_naming_the_bad_entry() {
         ("", "rate `` is not a number"),
     ];
     for (text, expected) in cases {
-        let error = LrSchedule::from_config(text, "constant", 0, 100)
+        let error = LrSchedule::from_config(text, LrScheduler::Constant, 0, 100)
             .unwrap_err()
             .to_string();
         assert!(
@@ -549,9 +551,7 @@ fn malformed_schedules_are_errors_naming_the_bad_entry() {
             "`{text}`: {error}"
         );
     }
-    let error = LrSchedule::from_config("1e-4", "linear", 0, 100)
-        .unwrap_err()
-        .to_string();
+    let error = "linear".parse::<LrScheduler>().unwrap_err().to_string();
     assert!(
         error.contains("train.lr_scheduler") && error.contains("linear"),
         "{error}"

@@ -4,7 +4,7 @@
 mod model_fixtures;
 
 use arbor_worker::ddpm::DdpmSchedule;
-use arbor_worker::train_step::{adamw, loss_and_gradients, optimizer_step, DiffusionBatch};
+use arbor_worker::train::train_step::{adamw, loss_and_gradients, optimizer_step, DiffusionBatch};
 use arbor_worker::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use arbor_worker::WorkerError;
 use model_fixtures::{

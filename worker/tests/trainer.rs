@@ -472,7 +472,7 @@ fn the_prompt_layout_is_chosen_by_the_job_config() {
     let mut widths = Vec::new();
     for layout in ["chunked", "kohya"] {
         let mut config = config(&fixture, "hypernetwork", "");
-        config.model.prompt_layout = layout.to_string();
+        config.model.prompt_layout = layout.parse().unwrap();
         let mut trainer = trainer();
         trainer.start(&solo("", 0), &config).unwrap();
         let context = trainer

@@ -19,109 +19,20 @@ use tch::{nn, Tensor};
 /// torch.nn.LayerNorm's default eps, which A1111's modules use.
 const LAYER_NORM_EPS: f64 = 1e-5;
 
+pub use arbor_common::config::{HypernetworkActivation, HypernetworkWeightInit};
+
 use crate::error::{Result, WorkerError};
 
-/// The activations that both A1111 and ComfyUI accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Linear,
-    Relu,
-    LeakyRelu,
-    Elu,
-    /// A1111's "swish" is `torch.nn.Hardswish`.
-    Swish,
-    Tanh,
-    Sigmoid,
-}
-
-impl Activation {
-    pub const ALL: [Activation; 7] = [
-        Activation::Linear,
-        Activation::Relu,
-        Activation::LeakyRelu,
-        Activation::Elu,
-        Activation::Swish,
-        Activation::Tanh,
-        Activation::Sigmoid,
-    ];
-
-    /// The name A1111 stores in `activation_func`.
-    pub fn a1111_name(self) -> &'static str {
-        match self {
-            Activation::Linear => "linear",
-            Activation::Relu => "relu",
-            Activation::LeakyRelu => "leakyrelu",
-            Activation::Elu => "elu",
-            Activation::Swish => "swish",
-            Activation::Tanh => "tanh",
-            Activation::Sigmoid => "sigmoid",
-        }
-    }
-
-    /// Parses `activation_func` (`None` in old files means linear).
-    pub fn from_a1111_name(name: Option<&str>) -> Result<Self> {
-        let Some(name) = name else {
-            return Ok(Activation::Linear);
-        };
-        Self::ALL
-            .into_iter()
-            .find(|activation| activation.a1111_name() == name)
-            .ok_or_else(|| WorkerError::Hypernetwork {
-                item: "activation_func".to_string(),
-                message: format!(
-                    "unsupported activation `{name}` (supported: linear, relu, leakyrelu, elu, swish, tanh, sigmoid)"
-                ),
-            })
-    }
-
-    fn apply(self, input: &Tensor) -> Tensor {
-        match self {
-            Activation::Linear => input.shallow_clone(),
-            Activation::Relu => input.relu(),
-            Activation::LeakyRelu => input.leaky_relu(),
-            Activation::Elu => input.elu(),
-            Activation::Swish => input.hardswish(),
-            Activation::Tanh => input.tanh(),
-            Activation::Sigmoid => input.sigmoid(),
-        }
-    }
-}
-
-/// A1111's `weight_initialization`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightInit {
-    Normal,
-    XavierUniform,
-    XavierNormal,
-    KaimingUniform,
-    KaimingNormal,
-}
-
-impl WeightInit {
-    pub fn a1111_name(self) -> &'static str {
-        match self {
-            WeightInit::Normal => "Normal",
-            WeightInit::XavierUniform => "XavierUniform",
-            WeightInit::XavierNormal => "XavierNormal",
-            WeightInit::KaimingUniform => "KaimingUniform",
-            WeightInit::KaimingNormal => "KaimingNormal",
-        }
-    }
-
-    pub fn from_a1111_name(name: &str) -> Result<Self> {
-        [
-            WeightInit::Normal,
-            WeightInit::XavierUniform,
-            WeightInit::XavierNormal,
-            WeightInit::KaimingUniform,
-            WeightInit::KaimingNormal,
-        ]
-        .into_iter()
-        .find(|init| init.a1111_name() == name)
-        .ok_or_else(|| WorkerError::Hypernetwork {
-            item: "weight_initialization".to_string(),
-            message: format!("unknown initialisation `{name}`"),
-        })
+/// Applies A1111's `activation_func`.
+fn apply_activation(activation: HypernetworkActivation, input: &Tensor) -> Tensor {
+    match activation {
+        HypernetworkActivation::Linear => input.shallow_clone(),
+        HypernetworkActivation::Relu => input.relu(),
+        HypernetworkActivation::LeakyRelu => input.leaky_relu(),
+        HypernetworkActivation::Elu => input.elu(),
+        HypernetworkActivation::Swish => input.hardswish(),
+        HypernetworkActivation::Tanh => input.tanh(),
+        HypernetworkActivation::Sigmoid => input.sigmoid(),
     }
 }
 
@@ -130,9 +41,9 @@ impl WeightInit {
 pub struct HypernetworkStructure {
     /// Width multipliers; must start and end with 1 (A1111 asserts it).
     pub layer_structure: Vec<f64>,
-    pub activation: Activation,
+    pub activation: HypernetworkActivation,
     pub is_layer_norm: bool,
-    pub weight_init: WeightInit,
+    pub weight_init: HypernetworkWeightInit,
     /// A dropout probability after each layer (index 0 unused); all zero for no dropout.
     pub dropout_structure: Vec<f64>,
     pub activate_output: bool,
@@ -142,9 +53,9 @@ impl Default for HypernetworkStructure {
     fn default() -> Self {
         Self {
             layer_structure: vec![1.0, 2.0, 1.0],
-            activation: Activation::Linear,
+            activation: HypernetworkActivation::Linear,
             is_layer_norm: false,
-            weight_init: WeightInit::Normal,
+            weight_init: HypernetworkWeightInit::Normal,
             dropout_structure: vec![0.0, 0.0, 0.0],
             activate_output: false,
         }
@@ -251,7 +162,7 @@ impl HypernetworkStructure {
 #[derive(Debug)]
 enum Layer {
     Linear(nn::Linear),
-    Activation(Activation),
+    Activation(HypernetworkActivation),
     LayerNorm(nn::LayerNorm),
     Dropout(f64),
 }
@@ -274,29 +185,29 @@ impl HypernetworkModule {
             let fan_out = structure.width(dim, index + 1);
             let position = layers.len();
             let weight_init = match structure.weight_init {
-                WeightInit::Normal => nn::Init::Randn {
+                HypernetworkWeightInit::Normal => nn::Init::Randn {
                     mean: 0.0,
                     stdev: 0.01,
                 },
-                WeightInit::XavierUniform => {
+                HypernetworkWeightInit::XavierUniform => {
                     let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
                     nn::Init::Uniform {
                         lo: -bound,
                         up: bound,
                     }
                 }
-                WeightInit::XavierNormal => nn::Init::Randn {
+                HypernetworkWeightInit::XavierNormal => nn::Init::Randn {
                     mean: 0.0,
                     stdev: (2.0 / (fan_in + fan_out) as f64).sqrt(),
                 },
-                WeightInit::KaimingUniform => {
+                HypernetworkWeightInit::KaimingUniform => {
                     let bound = 2f64.sqrt() * (3.0 / fan_in as f64).sqrt();
                     nn::Init::Uniform {
                         lo: -bound,
                         up: bound,
                     }
                 }
-                WeightInit::KaimingNormal => nn::Init::Randn {
+                HypernetworkWeightInit::KaimingNormal => nn::Init::Randn {
                     mean: 0.0,
                     stdev: 2f64.sqrt() / (fan_in as f64).sqrt(),
                 },
@@ -312,7 +223,8 @@ impl HypernetworkModule {
                 },
             )));
             let is_last = index + 1 == count;
-            if structure.activation != Activation::Linear && (!is_last || structure.activate_output)
+            if structure.activation != HypernetworkActivation::Linear
+                && (!is_last || structure.activate_output)
             {
                 layers.push(Layer::Activation(structure.activation));
             }
@@ -368,8 +280,8 @@ impl HypernetworkModule {
                     });
                 }
                 Layer::Activation(activation) => {
-                    hidden = activation.apply(&hidden);
-                    detached = detached.map(|value| activation.apply(&value));
+                    hidden = apply_activation(*activation, &hidden);
+                    detached = detached.map(|value| apply_activation(*activation, &value));
                 }
                 Layer::LayerNorm(norm) => {
                     let normalise = |value: &Tensor, detach: bool| {

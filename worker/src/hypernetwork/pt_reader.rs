@@ -12,7 +12,9 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 use tracing::warn;
 
-use super::module::{Activation, HypernetworkStructure, WeightInit};
+use arbor_common::config::ConfigChoice;
+
+use super::module::HypernetworkStructure;
 use super::pt_file::{fix_old_key, HypernetworkFile};
 use super::restricted_pickle::{read_pickle, PickleValue, TensorReference};
 use crate::error::{Result, WorkerError};
@@ -167,6 +169,20 @@ fn optional_string(
     }
 }
 
+/// A metadata name that is one of the config's choices (`activation_func`,
+/// `weight_initialization`); absent or `None`, A1111's default (linear, `Normal`).
+fn a1111_choice<Choice: ConfigChoice + Default>(
+    path: &Path,
+    field: &str,
+    value: Option<&PickleValue>,
+) -> Result<Choice> {
+    let Some(name) = optional_string(path, field, value)? else {
+        return Ok(Choice::default());
+    };
+    Choice::from_name(&name)
+        .ok_or_else(|| invalid(path, format!("field `{field}`: {}", Choice::refusal(&name))))
+}
+
 fn boolean(path: &Path, field: &str, value: Option<&PickleValue>, default: bool) -> Result<bool> {
     match value {
         None | Some(PickleValue::None) => Ok(default),
@@ -254,17 +270,12 @@ pub fn read_pt(path: &Path) -> Result<HypernetworkFile> {
         None | Some(PickleValue::None) => vec![1.0, 2.0, 1.0],
         Some(value) => float_list(path, "layer_structure", value)?,
     };
-    let activation_name =
-        optional_string(path, "activation_func", metadata.get("activation_func"))?;
-    let activation = Activation::from_a1111_name(activation_name.as_deref())?;
-    let weight_init = match optional_string(
+    let activation = a1111_choice(path, "activation_func", metadata.get("activation_func"))?;
+    let weight_init = a1111_choice(
         path,
         "weight_initialization",
         metadata.get("weight_initialization"),
-    )? {
-        Some(name) => WeightInit::from_a1111_name(&name)?,
-        None => WeightInit::Normal,
-    };
+    )?;
     let use_dropout = boolean(path, "use_dropout", metadata.get("use_dropout"), false)?;
     let last_layer_dropout = boolean(
         path,

@@ -256,11 +256,11 @@ pub fn pickle_hypernetwork(
     emitter.string("layer_structure");
     emitter.float_list(&structure.layer_structure);
     emitter.string("activation_func");
-    emitter.string(structure.activation.a1111_name());
+    emitter.string(structure.activation.as_str());
     emitter.string("is_layer_norm");
     emitter.bool(structure.is_layer_norm);
     emitter.string("weight_initialization");
-    emitter.string(structure.weight_init.a1111_name());
+    emitter.string(structure.weight_init.as_str());
     emitter.string("sd_checkpoint");
     emitter.optional_string(file.sd_checkpoint.as_deref());
     emitter.string("sd_checkpoint_name");

@@ -13,24 +13,15 @@
 //!
 //! **A1111 strings** (modules/textual_inversion/learn_schedule.py, `LearnScheduleIterator` and
 //! `LearnRateScheduler`): `"0.005:100, 1e-3:1000, 1e-5"` means 0.005 while fewer than 100 steps
-//! are done, then 1e-3 until 1000, then 1e-5 to the end. An entry's end step `-1` (or no end
-//! step) means "to the end of training". When the last entry has an end step, training ends
-//! there ([`LrSchedule::final_step`]), as A1111's scheduler sets `finished`. Empty entries are
-//! skipped, and whitespace around numbers is allowed, like Python's `float()`/`int()`.
-//! Stricter than A1111, which silently accepts them, these are errors naming the entry:
-//! entries after a to-the-end entry, end steps that are 0 or do not increase, more than one
-//! `:`, and rates that are negative or not finite. The scheduler named in the config is not
-//! applied to A1111 strings (the config documents this); a warmup still is.
+//! are done, then 1e-3 until 1000, then 1e-5 to the end; they are parsed, and refused naming the
+//! entry at fault, with the config (common/src/learning_rate.rs). When the last entry has an end
+//! step, training ends there ([`LrSchedule::final_step`]), as A1111's scheduler sets `finished`.
+//! The scheduler named in the config is not applied to A1111 strings (the config documents
+//! this); a warmup still is.
 
-use crate::error::{Result, WorkerError};
+use arbor_common::config::{LearningRate, LrScheduler, ScheduleEntry};
 
-/// One A1111 schedule entry: `rate` until `end_step` optimizer steps are done (`None`: to the
-/// end of training).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ScheduleEntry {
-    pub rate: f64,
-    pub end_step: Option<u64>,
-}
+use crate::error::Result;
 
 /// A learning-rate schedule, resolved from the config once.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,126 +41,33 @@ pub enum LrSchedule {
     },
 }
 
-fn lr_error(message: impl Into<String>) -> WorkerError {
-    WorkerError::Input {
-        name: "train.lr".to_string(),
-        message: message.into(),
-    }
-}
-
-fn parse_rate(text: &str, entry: &str) -> Result<f64> {
-    let rate: f64 = text.trim().parse().map_err(|_| {
-        lr_error(format!(
-            "entry `{entry}`: rate `{}` is not a number",
-            text.trim()
-        ))
-    })?;
-    if !rate.is_finite() || rate < 0.0 {
-        return Err(lr_error(format!(
-            "entry `{entry}`: rate must be a finite number >= 0, got {rate}"
-        )));
-    }
-    Ok(rate)
-}
-
-/// Parses A1111's `"rate:step, rate:step, rate"` into entries.
-pub fn parse_a1111_schedule(text: &str) -> Result<Vec<ScheduleEntry>> {
-    let mut entries: Vec<ScheduleEntry> = Vec::new();
-    for raw_entry in text.split(',') {
-        let entry = raw_entry.trim();
-        if entry.is_empty() {
-            continue;
-        }
-        if let Some(previous) = entries.last() {
-            if previous.end_step.is_none() {
-                return Err(lr_error(format!(
-                    "entry `{entry}` follows an entry that already runs to the end of training"
-                )));
-            }
-        }
-        let parts: Vec<&str> = entry.split(':').collect();
-        let parsed = match parts.as_slice() {
-            [rate] => ScheduleEntry {
-                rate: parse_rate(rate, entry)?,
-                end_step: None,
-            },
-            [rate, step] => {
-                let rate = parse_rate(rate, entry)?;
-                let step: i64 = step.trim().parse().map_err(|_| {
-                    lr_error(format!(
-                        "entry `{entry}`: end step `{}` is not an integer",
-                        step.trim()
-                    ))
-                })?;
-                let end_step = match step {
-                    -1 => None,
-                    step if step >= 1 => Some(step as u64),
-                    step => {
-                        return Err(lr_error(format!(
-                            "entry `{entry}`: end step must be >= 1 (or -1 for the end), got {step}"
-                        )))
-                    }
-                };
-                ScheduleEntry { rate, end_step }
-            }
-            _ => {
-                return Err(lr_error(format!(
-                    "entry `{entry}`: expected `rate` or `rate:step`"
-                )))
-            }
-        };
-        if let (Some(previous), Some(end_step)) = (
-            entries.last().and_then(|previous| previous.end_step),
-            parsed.end_step,
-        ) {
-            if end_step <= previous {
-                return Err(lr_error(format!(
-                    "entry `{entry}`: end step {end_step} must be greater than the previous end step {previous}"
-                )));
-            }
-        }
-        entries.push(parsed);
-    }
-    if entries.is_empty() {
-        return Err(lr_error(format!(
-            "`{text}` holds no rate; expected a number or a schedule like \"0.001:100, 1e-5:1000, 1e-6\""
-        )));
-    }
-    Ok(entries)
-}
-
 impl LrSchedule {
     /// lr: config `train.lr` (a number, or A1111's "rate:step, rate:step, rate"); scheduler:
-    /// "constant" | "cosine"; warmup_steps linear from 0; total_steps: optimizer steps of the
+    /// `train.lr_scheduler`; warmup_steps linear from 0; total_steps: optimizer steps of the
     /// whole run (for cosine).
     pub fn from_config(
         lr: &str,
-        scheduler: &str,
+        scheduler: LrScheduler,
         warmup_steps: u64,
         total_steps: u64,
     ) -> Result<Self> {
-        let trimmed = lr.trim();
-        let is_a1111 = trimmed.contains(':') || trimmed.contains(',');
-        if is_a1111 {
-            let entries = parse_a1111_schedule(trimmed)?;
-            return Ok(Self::Piecewise {
-                entries,
-                warmup_steps,
-            });
-        }
-        let rate = parse_rate(trimmed, trimmed)?;
-        match scheduler {
-            "constant" => Ok(Self::Constant { rate, warmup_steps }),
-            "cosine" => Ok(Self::Cosine {
+        let rate = match LearningRate::parse(lr)? {
+            LearningRate::Piecewise(entries) => {
+                return Ok(Self::Piecewise {
+                    entries,
+                    warmup_steps,
+                })
+            }
+            LearningRate::Constant(rate) => rate,
+        };
+        Ok(match scheduler {
+            LrScheduler::Constant => Self::Constant { rate, warmup_steps },
+            LrScheduler::Cosine => Self::Cosine {
                 rate,
                 warmup_steps,
                 total_steps,
-            }),
-            other => Err(WorkerError::Input {
-                name: "train.lr_scheduler".to_string(),
-                message: format!("unknown scheduler `{other}`; expected constant or cosine"),
-            }),
-        }
+            },
+        })
     }
 
     fn warmup_factor(step: u64, warmup_steps: u64) -> f64 {

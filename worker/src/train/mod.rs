@@ -1,8 +1,8 @@
 //! Training (docs/architecture.md §4, §5): the pieces of one optimisation step, in the order a
 //! batch meets them, and the trainer that drives them for the worker runtime.
 //!
-//! batch_inputs → training_model → distributed_step (loss, backward, all-reduce, clip, AdamW,
-//! EMA) → metrics_log → checkpoint / sampling / run_exports, all driven by `trainer`.
+//! batch_inputs → training_model → distributed_step (loss and backward of train_step,
+//! all-reduce, clip, AdamW, EMA) → metrics_log → checkpoint / sampling / run_exports, all driven by `trainer`.
 
 pub mod adamw;
 pub mod batch_inputs;
@@ -19,5 +19,6 @@ pub mod run_dir;
 pub mod run_exports;
 pub mod sample_grid;
 pub mod sampling;
+pub mod train_step;
 pub mod trainer;
 pub mod training_model;

@@ -10,8 +10,8 @@ use arbor_common::config::JobConfig;
 use tch::{Kind, Tensor};
 
 use crate::attention::KvContextTransform;
-use crate::error::{Result, WorkerError};
-use crate::samplers::{sample, GuidedPrompt, Sampler, SamplerKind};
+use crate::diffusion_samplers::{sample, GuidedPrompt, Sampler, SamplerKind};
+use crate::error::Result;
 use crate::train::loss_curve::render_loss_curve;
 use crate::train::run_dir::RunDir;
 use crate::train::sample_grid::images_to_grid_png;
@@ -45,23 +45,13 @@ pub struct SampleSettings {
 
 impl SampleSettings {
     pub fn from_config(config: &JobConfig) -> Result<Self> {
-        let sampler = match config.samples.sampler.as_str() {
-            "ddim" => SamplerKind::Ddim,
-            "euler" => SamplerKind::Euler,
-            other => {
-                return Err(WorkerError::Input {
-                    name: "samples.sampler".to_string(),
-                    message: format!("expected `ddim` or `euler`, got `{other}`"),
-                })
-            }
-        };
         let [width, height] = config.buckets.base_res;
         Ok(Self {
             prompts: config.samples.prompts.clone(),
             negative: config.samples.negative.clone(),
             steps: config.samples.steps,
             guidance: config.samples.guidance,
-            sampler,
+            sampler: config.samples.sampler,
             width,
             height,
             seed: config.job.seed,

@@ -29,7 +29,7 @@ use arbor_c10d::aten_ops::cuda_max_memory_allocated;
 use arbor_c10d::{Backend, ProcessGroup, Store, StoreAddress};
 use arbor_common::assign::{Assigner, BucketedItems};
 use arbor_common::buckets::BucketTable;
-use arbor_common::config::JobConfig;
+use arbor_common::config::{JobConfig, LrScheduler};
 use arbor_data::batch_loader::{BatchLoader, LoaderOptions};
 use arbor_data::store::DatasetStore;
 use arbor_runtime::batch_fetch::BatchFetcher;
@@ -271,7 +271,7 @@ impl TchTrainer {
         if trainable.is_empty() {
             return Err(WorkerError::Training(format!(
                 "mode `{}` has no trainable tensors",
-                model.mode.name()
+                model.mode.as_str()
             )));
         }
         let initial = cpu_copies(&trainable);
@@ -476,7 +476,7 @@ impl TchTrainer {
             world_size = group.world_size,
             generation = group.generation,
             step = self.step,
-            mode = session.model.mode.name(),
+            mode = session.model.mode.as_str(),
             "trainer started"
         );
         Ok(())
@@ -818,7 +818,7 @@ impl TchTrainer {
                 generation,
                 world_size,
                 rank,
-                mode: session.model.mode.name().to_string(),
+                mode: session.model.mode.as_str().to_string(),
             },
             trainable: if is_writer {
                 cpu_copies(&session.trainable)
@@ -921,7 +921,7 @@ fn lr_schedule(config: &JobConfig, world_size: u32) -> Result<LrSchedule> {
     let total_steps = match planned_optimizer_steps(config, world_size) {
         Some(steps) => steps,
         None => {
-            if config.train.lr_scheduler == "cosine" {
+            if config.train.lr_scheduler == LrScheduler::Cosine {
                 warn!(
                     manifest = %config.data.manifest,
                     "the run's step count is unknown (set schedule.max_steps); the cosine schedule assumes 1000 steps"
@@ -932,7 +932,7 @@ fn lr_schedule(config: &JobConfig, world_size: u32) -> Result<LrSchedule> {
     };
     LrSchedule::from_config(
         &config.train.lr,
-        &config.train.lr_scheduler,
+        config.train.lr_scheduler,
         config.train.lr_warmup_steps,
         total_steps.max(1),
     )

@@ -17,54 +17,28 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use arbor_c10d::aten_ops::{set_autocast_dtype, AutocastDevice};
-use arbor_common::config::JobConfig;
+pub use arbor_common::config::TrainingMode;
+use arbor_common::config::{JobConfig, MixedPrecision};
 use tch::{nn, Device, Kind, Tensor};
 use tracing::info;
 
 use crate::attention::KvContextTransform;
 use crate::clip::ClipTextModel;
-use crate::ddpm::{DdpmSchedule, PredictionType};
+use crate::ddpm::DdpmSchedule;
 use crate::device::host_to_device;
 use crate::error::{Result, WorkerError};
-use crate::hypernetwork::module::{Activation, HypernetworkStructure, WeightInit};
+use crate::hypernetwork::module::HypernetworkStructure;
 use crate::hypernetwork::shallow_penalty::ShallowPenalty;
 use crate::hypernetwork::{Hypernetwork, HypernetworkInfo};
 use crate::model_components::ModelComponents;
 use crate::prompt::{PromptFraming, PromptLayout};
 use crate::tokenizer::ClipTokenizer;
 use crate::train::metrics_log::TokenLengthHistogram;
-use crate::train_step::{diffusion_loss, DiffusionBatch};
+use crate::train::train_step::{diffusion_loss, DiffusionBatch};
 use crate::unet_2d::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
 use crate::weights::export::NamedTensors;
 use crate::weights::Component;
-
-/// What a run trains (`model.mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TrainingMode {
-    Finetune,
-    Hypernetwork,
-}
-
-impl TrainingMode {
-    pub fn parse(mode: &str) -> Result<Self> {
-        match mode {
-            "finetune" => Ok(TrainingMode::Finetune),
-            "hypernetwork" => Ok(TrainingMode::Hypernetwork),
-            other => Err(WorkerError::Input {
-                name: "model.mode".to_string(),
-                message: format!("expected `finetune` or `hypernetwork`, got `{other}`"),
-            }),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            TrainingMode::Finetune => "finetune",
-            TrainingMode::Hypernetwork => "hypernetwork",
-        }
-    }
-}
 
 pub const UNET_PREFIX: &str = "unet.";
 pub const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
@@ -139,23 +113,16 @@ impl TrainingModel {
     /// mode the modules are initialised right after `tch::manual_seed(job.seed)`, so every rank
     /// starts from identical weights.
     pub fn load(config: &JobConfig, device: Device) -> Result<Self> {
-        let mode = TrainingMode::parse(&config.model.mode)?;
+        let mode = config.model.mode;
         let model_path = PathBuf::from(&config.model.path);
         let components = ModelComponents::open(&model_path, None, &Component::ALL, device)?;
         let tokenizer = tokenizer_for(&model_path)?;
         let framing = PromptFraming::for_tokenizer(&tokenizer, config.model.max_chunks as usize);
-        let prompt_layout = match config.model.prompt_layout.as_str() {
-            "kohya" => PromptLayout::Kohya,
-            _ => PromptLayout::Chunked,
-        };
         let (mut text_encoder_store, text_encoder) = components.text_encoder()?;
         let (mut unet_store, unet) = components.unet()?;
         let (mut vae_store, vae) = components.vae()?;
         let mut scheduler_config = components.schedule()?.config().clone();
-        scheduler_config.prediction_type = match config.model.prediction_type.as_str() {
-            "v_prediction" => PredictionType::VPrediction,
-            _ => PredictionType::Epsilon,
-        };
+        scheduler_config.prediction_type = config.model.prediction_type;
         let mut schedule = DdpmSchedule::new(&scheduler_config);
         schedule.keep_on(device);
         let train_text_encoder = mode == TrainingMode::Finetune && config.model.train_text_encoder;
@@ -170,7 +137,8 @@ impl TrainingModel {
                 Some(build_hypernetwork(config, device)?)
             }
         };
-        let autocast_bf16 = device.is_cuda() && config.train.mixed_precision == "bf16";
+        let autocast_bf16 =
+            device.is_cuda() && config.train.mixed_precision == MixedPrecision::Bf16;
         if autocast_bf16 {
             // tch's `autocast` has no dtype argument and libtorch's CUDA default is fp16.
             set_autocast_dtype(AutocastDevice::Cuda, Kind::BFloat16)
@@ -182,7 +150,7 @@ impl TrainingModel {
             model_path,
             tokenizer,
             framing,
-            prompt_layout,
+            prompt_layout: config.model.prompt_layout,
             clip_skip: config.model.clip_skip as usize,
             text_encoder_store,
             text_encoder,
@@ -201,7 +169,7 @@ impl TrainingModel {
             .map(|(_, tensor)| tensor.numel() as i64)
             .sum();
         info!(
-            mode = mode.name(),
+            mode = mode.as_str(),
             device = ?device,
             tensors = trainable.len(),
             parameters = trainable_elements,
@@ -356,9 +324,9 @@ fn build_hypernetwork(config: &JobConfig, device: Device) -> Result<Hypernetwork
     let section = &config.hypernetwork;
     let structure = HypernetworkStructure {
         layer_structure: section.layer_structure.clone(),
-        activation: Activation::from_a1111_name(Some(&section.activation))?,
+        activation: section.activation,
         is_layer_norm: section.layer_norm,
-        weight_init: WeightInit::from_a1111_name(&section.weight_init)?,
+        weight_init: section.weight_init,
         dropout_structure: HypernetworkStructure::a1111_dropout_structure(
             &section.layer_structure,
             section.dropout,

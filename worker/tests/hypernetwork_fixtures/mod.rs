@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
+use arbor_common::config::{ConfigChoice, HypernetworkActivation};
 use arbor_worker::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use tch::{nn, Device, Tensor};
 
@@ -20,7 +21,7 @@ pub const CASES: [&str; 3] = [
     "linear_121_default",
 ];
 /// The activations both A1111 and ComfyUI accept, as the job config lists them.
-pub const ACTIVATIONS: [&str; 7] = arbor_common::config::HYPERNETWORK_ACTIVATIONS;
+pub const ACTIVATIONS: &[HypernetworkActivation] = <HypernetworkActivation as ConfigChoice>::ALL;
 pub const FORWARD_ATOL: f64 = 1e-4;
 pub const GRAD_RTOL: f64 = 1e-3;
 pub const GRAD_SCALE_FLOOR: f64 = 1e-4;

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use arbor_worker::ddpm::DdpmSchedule;
 use arbor_worker::hypernetwork::module::HypernetworkStructure;
 use arbor_worker::hypernetwork::{Hypernetwork, HypernetworkInfo};
-use arbor_worker::train_step::{diffusion_loss, DiffusionBatch};
+use arbor_worker::train::train_step::{diffusion_loss, DiffusionBatch};
 use arbor_worker::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

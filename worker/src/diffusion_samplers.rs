@@ -3,21 +3,14 @@
 //! the guided prediction uc + (c − uc)·scale, the conditional and unconditional contexts batched
 //! in one forward as diffusers' pipelines do.
 
-use serde::Deserialize;
+/// Which sampler (`[samples] sampler` in job.toml).
+pub use arbor_common::config::SamplerKind;
 use tch::{Kind, Tensor};
 
 use crate::attention::KvContextTransform;
 use crate::ddpm::{DdpmSchedule, PredictionType, TimestepSpacing};
 use crate::error::{Result, WorkerError};
 use crate::unet_2d::UNet2DConditionModel;
-
-/// Which sampler (`[samples] sampler` in job.toml).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SamplerKind {
-    Ddim,
-    Euler,
-}
 
 /// A sampler's timestep (and, for Euler, sigma) sequence for a number of inference steps.
 #[derive(Debug, Clone)]
