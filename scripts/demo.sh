@@ -9,9 +9,9 @@
 #   demo/runs/hypernetwork/ phase 2: trains an AUTOMATIC1111 hypernetwork on the phase-1 model
 #
 # Each run directory holds job.toml, state.json, ledger/, metrics.jsonl, loss.png, samples/,
-# checkpoints/ and exports/ (docs/architecture.md §7). Re-running reuses the venv, the binaries,
-# the dataset and the model; a finished run is trained again from scratch, an interrupted one
-# (Ctrl-C) resumes from its last complete checkpoint.
+# tensorboard/, checkpoints/ and exports/ (docs/architecture.md §7). Re-running reuses the venv,
+# the binaries, the dataset and the model; a finished run is trained again from scratch, an
+# interrupted one (Ctrl-C) resumes from its last complete checkpoint.
 #
 #   scripts/demo.sh [--dry-run] [--phases "finetune hypernetwork"]
 #     --dry-run   runs the same job without a model (`arbor worker --dry-run`): join, shards,
@@ -217,6 +217,13 @@ for phase in $phases; do
     failures+=("$phase: the exports in $run_dir/exports did not load")
   fi
 done
+if ((!dry_run)); then
+  # One TensorBoard run per phase: each run directory's tensorboard/ (scripts/requirements/
+  # installs the tensorboard wheel into the venv).
+  echo "== TensorBoard"
+  echo "  logs           $demo_dir/runs/<phase>/tensorboard/"
+  echo "  open them with $(dirname "$python_bin")/tensorboard --logdir $demo_dir/runs"
+fi
 echo
 timings=""
 for phase in $phases; do timings+=" $phase ${phase_seconds[$phase]:-?}s,"; done

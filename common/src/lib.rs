@@ -6,7 +6,8 @@
 //! [`sampler`] (per-rank bucket lists, catch-all and batch draws) → [`crop`] (how each image
 //! fits its bucket). [`manifest`] reads the dataset's JSON Lines manifest and [`stream`] holds
 //! the counter-based random streams everything above draws from. [`accumulation`] holds the
-//! gradient accumulation windows and the checkpoint schedule they constrain.
+//! gradient accumulation windows and the checkpoint schedule they constrain. [`logging`] sets up
+//! every binary's log output (format, colour, filter).
 
 pub mod accumulation;
 pub mod assign;
@@ -16,6 +17,7 @@ pub mod config_choice;
 pub mod crop;
 pub mod error;
 pub mod learning_rate;
+pub mod logging;
 pub mod manifest;
 pub mod permutation;
 pub mod plan;

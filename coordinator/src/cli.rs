@@ -1,5 +1,6 @@
 //! The `arbor` command line: one subcommand per module (`plan_command.rs`, …).
 
+use arbor_common::logging::LogFlags;
 use clap::{Parser, Subcommand};
 
 use crate::{
@@ -15,6 +16,8 @@ use crate::{
 #[derive(Debug, Parser)]
 #[command(name = "arbor", version, about, long_about)]
 pub struct Cli {
+    #[command(flatten)]
+    pub log: LogFlags,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -1,12 +1,13 @@
 //! `arbor launch`: a coordinator and N local workers as processes, logs prefixed with the rank,
 //! everything stopped cleanly on Ctrl-C.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use arbor_common::logging;
 use clap::Args;
 use tracing::{info, warn};
 
@@ -36,6 +37,15 @@ fn signal_all(children: &Mutex<Vec<(String, u32)>>, signal: &str) {
             .arg(pid.to_string())
             .status();
     }
+}
+
+/// A line of the launcher's own, marked like its children's: `[launch] …` (a JSON record with
+/// `"process": "launch"` under `--log-format json`).
+fn say(message: &str) {
+    eprintln!(
+        "{}",
+        logging::child_line("launch", message, logging::settings().format)
+    );
 }
 
 /// Seconds workers get to finish (final exports included) after the coordinator ended.
@@ -79,7 +89,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<std::process::ExitCode> {
                 let _ = tokio::signal::ctrl_c().await;
             });
             interrupted.store(true, Ordering::SeqCst);
-            eprintln!("[launch] interrupted: stopping the coordinator and the workers");
+            say("interrupted: stopping the coordinator and the workers");
             signal_all(&pids, "-TERM");
         });
     }
@@ -89,13 +99,11 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<std::process::ExitCode> {
         .arg("coordinator")
         .arg("--config")
         .arg(&args.config.config)
-        .env("ARBOR_TOKEN", &token)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("ARBOR_TOKEN", &token);
     for flag in &args.config.overrides {
         coordinator.args(["--set", flag]);
     }
-    let (mut coordinator, coordinator_pumps) = spawn_prefixed(coordinator, "[coordinator] ")?;
+    let (mut coordinator, coordinator_pumps) = spawn_prefixed(coordinator, "coordinator")?;
     pids.lock()
         .unwrap()
         .push(("coordinator".into(), coordinator.id()));
@@ -120,13 +128,11 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<std::process::ExitCode> {
             .args(["--local-rank", &local_rank.to_string()])
             .args(["--node", "local"])
             .env("ARBOR_TOKEN", &token)
-            .args(&args.worker_args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .args(&args.worker_args);
         if args.dry_run {
             worker.arg("--dry-run");
         }
-        let child = spawn_prefixed(worker, &format!("[worker {local_rank}] "))
+        let child = spawn_prefixed(worker, &format!("worker {local_rank}"))
             .with_context(|| format!("starting worker {local_rank} ({})", worker_exe.display()))?;
         pids.lock()
             .unwrap()
@@ -173,7 +179,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<std::process::ExitCode> {
         }
     }
     if interrupted.load(Ordering::SeqCst) {
-        eprintln!("[launch] stopped; the job resumes from its run directory when launched again");
+        say("stopped; the job resumes from its run directory when launched again");
         return Ok(std::process::ExitCode::from(130));
     }
     // The job's outcome is the coordinator's: a worker that died and was replaced by a regroup
@@ -183,10 +189,10 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<std::process::ExitCode> {
     } else {
         "the job did not finish"
     };
-    eprintln!(
-        "[launch] {outcome} (coordinator exited with {status}); {worker_failures} worker process(es) exited with an error; run directory: {}",
+    say(&format!(
+        "{outcome} (coordinator exited with {status}); {worker_failures} worker process(es) exited with an error; run directory: {}",
         config.job.run_dir
-    );
+    ));
     Ok(if status.success() {
         std::process::ExitCode::SUCCESS
     } else {

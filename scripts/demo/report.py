@@ -6,7 +6,8 @@
     report.py plan < PLAN_JSON
         one line about the output of `arbor plan epoch --json`
     report.py summary RUN_DIR
-        where the checkpoints, samples, loss curve, metrics and exports are, and the mean loss
+        where the checkpoints, samples, loss curve, metrics, TensorBoard logs and exports are,
+        and the mean loss
         of the first and of the last 10 steps; exits 1 if the run has no metrics, and with
         --require-loss-fall also if the last steps' mean loss is not below the first steps'
 
@@ -100,6 +101,9 @@ def summary(run_dir: Path, require_loss_fall: bool = False):
     loss_png = run_dir / "loss.png"
     print(f"  loss curve     {loss_png}" + ("" if loss_png.exists() else "  (missing)"))
     print(f"  samples        {run_dir / 'samples'}/  ({len(samples)}: {listing(samples)})")
+    tensorboard = run_dir / "tensorboard"
+    event_files = list(tensorboard.glob("events.out.tfevents.*")) if tensorboard.is_dir() else []
+    print(f"  tensorboard    {tensorboard}/  ({len(event_files)} event file(s))")
     print(f"  checkpoints    {run_dir / 'checkpoints'}/  ({len(complete)} complete: {listing(complete)}"
           + (f"; {len(partial)} partial, never resumed" if partial else "") + ")")
     if exports.is_dir():

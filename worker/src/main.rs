@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tch::Tensor;
 use tracing::{info, warn};
 
+use arbor_common::logging::{self, LogFlags};
 use arbor_runtime::runtime::run_worker;
 use arbor_runtime::worker_args::{spawn_local_ranks, WorkerArgs};
 use arbor_worker::clip::DEFAULT_CLIP_SKIP;
@@ -25,6 +26,8 @@ use arbor_worker::weights::{Component, ModelSource};
 #[derive(Parser, Debug)]
 #[command(name = "arbor-worker", version, about = "arbor's training worker")]
 struct Cli {
+    #[command(flatten)]
+    log: LogFlags,
     #[command(subcommand)]
     command: Command,
 }
@@ -120,21 +123,28 @@ impl DeviceFlag {
     }
 }
 
-fn main() -> Result<std::process::ExitCode> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Training reports progress at info; the inspection tools keep stderr quiet.
     let default_filter = match cli.command {
         Command::Train { .. } => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let outcome = match cli.command {
+    if let Err(error) = logging::init(&cli.log, default_filter) {
+        eprintln!("error: {error}");
+        return std::process::ExitCode::from(2);
+    }
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            logging::report_error(&format!("{error:#}"));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<std::process::ExitCode> {
+    let outcome = match command {
         Command::Train {
             worker,
             device,

@@ -485,3 +485,55 @@ fn the_prompt_layout_is_chosen_by_the_job_config() {
     // A1111/NovelAI: 77 states per chunk; kohya-ss: BOS + 75 per chunk + EOS.
     assert_eq!(widths, [3 * 77, 3 * 75 + 2]);
 }
+
+#[test]
+fn tensorboard_logs_read_back_with_tensorboard_and_match_metrics_jsonl_across_a_resume() {
+    let _serial = serial();
+    let fixture = fixture();
+    let config = config(&fixture, "hypernetwork", "");
+    // Steps 1 to 3 (samples at step 2), flushed at a checkpoint at step 3 that never completes.
+    let mut first = trainer();
+    first.start(&solo("", 0), &config).unwrap();
+    for (index, ids) in BATCHES.iter().enumerate() {
+        first.train_batch(&batch(index as u64, *ids)).unwrap();
+        if index == 1 {
+            first.checkpoint(2, 0, 2).unwrap();
+        }
+    }
+    first.checkpoint(3, 0, 3).unwrap();
+    // Another process resumes from step 2 and trains step 3 again: TensorBoard must show the
+    // second session's step 3 only.
+    let key = checkpoint_key(2);
+    let run_dir = RunDir::open(fixture.run_dir.to_str().unwrap()).unwrap();
+    mark_complete_without_coordinator(&run_dir, &key).unwrap();
+    let mut resumed = trainer();
+    resumed.start(&solo(&key, 2), &config).unwrap();
+    resumed.train_batch(&batch(2, BATCHES[2])).unwrap();
+    resumed.finish().unwrap();
+
+    let event_files = std::fs::read_dir(fixture.run_dir.join("tensorboard"))
+        .unwrap()
+        .count();
+    assert_eq!(event_files, 2, "one event file per session");
+    let metrics = read_metrics(&fixture.run_dir);
+    assert_eq!(
+        metrics.iter().map(|record| record.step).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/check_tensorboard.py");
+    let output = std::process::Command::new(model_fixtures::python_bin())
+        .arg(&script)
+        .arg(&fixture.run_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let checked: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(checked["steps"], serde_json::json!([1, 2, 3]));
+    assert_eq!(checked["sample_steps"], serde_json::json!([2, 3]));
+    assert_eq!(checked["files"], 2);
+}

@@ -345,24 +345,6 @@ fn survivors_forced_onto_the_restart_path_replace_their_process_and_the_job_resu
     assert_eq!(joined, 1, "{}", job.coordinator_log());
 }
 
-/// `text` without ANSI colour sequences (`ESC [ … m`).
-fn strip_ansi(text: &str) -> String {
-    let mut plain = String::with_capacity(text.len());
-    let mut characters = text.chars();
-    while let Some(character) = characters.next() {
-        if character == '\u{1b}' {
-            for sequence_character in characters.by_ref() {
-                if sequence_character.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-            continue;
-        }
-        plain.push(character);
-    }
-    plain
-}
-
 #[test]
 fn nproc_children_take_distinct_local_ranks_and_devices() {
     // `--device cpu`: each child logs its local rank and device before it looks for the
@@ -374,9 +356,14 @@ fn nproc_children_take_distinct_local_ranks_and_devices() {
             .env("ARBOR_TOKEN", TOKEN)
             .env("RUST_LOG", "info")
             .env_remove("CUDA_VISIBLE_DEVICES")
+            .env_remove("NO_COLOR")
+            .env_remove("ARBOR_LOG_COLOR")
+            .env_remove("ARBOR_LOG_FORMAT")
             .output()
             .unwrap();
-        let text = strip_ansi(&String::from_utf8_lossy(&output.stderr));
+        let text = String::from_utf8_lossy(&output.stderr);
+        // Piped output (the parent's and the children's) is plain text.
+        assert!(!text.contains('\u{1b}'), "{text:?}");
         assert!(!output.status.success(), "{text}");
         assert!(text.contains("2 of 2 local ranks failed"), "{text}");
         for local_rank in 0..2 {
@@ -405,6 +392,47 @@ fn nproc_children_take_distinct_local_ranks_and_devices() {
             }
         }
     }
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_for_the_worker_and_its_children() {
+    let output = std::process::Command::new(worker_bin())
+        .args(["train", "--coordinator", "127.0.0.1:1", "--nproc", "2"])
+        .args(["--connect-timeout-s", "1", "--device", "cpu"])
+        .env("ARBOR_TOKEN", TOKEN)
+        .env("ARBOR_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{text}");
+    let records: Vec<Value> = text
+        .lines()
+        .map(|line| {
+            let record: Value = serde_json::from_str(line)
+                .unwrap_or_else(|error| panic!("not JSON ({error}): {line:?}\n{text}"));
+            assert!(
+                record["level"].is_string() && record["fields"].is_object(),
+                "{line}"
+            );
+            record
+        })
+        .collect();
+    for local_rank in 0..2 {
+        assert!(
+            records.iter().any(|record| record["process"]
+                == format!("local {local_rank}").as_str()
+                && record["fields"]["message"] == "device chosen"
+                && record["fields"]["local_rank"] == local_rank),
+            "{text}"
+        );
+    }
+    assert!(
+        records.iter().any(|record| record["level"] == "ERROR"
+            && record["fields"]["error"]
+                .as_str()
+                .is_some_and(|error| error.contains("2 of 2 local ranks failed"))),
+        "{text}"
+    );
 }
 
 /// Copies every file of `from` but COMPLETE into `to`, halving each (weights and optimizer state

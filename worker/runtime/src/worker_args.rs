@@ -5,7 +5,8 @@
 //!
 //! `--nproc N` makes the process a local launcher: [`spawn_local_ranks`] starts one child per
 //! local rank with the same flags (`--nproc 1 --local-rank i`), prefixes their output with the
-//! local rank ([`spawn_prefixed`]) and fails if any child fails.
+//! local rank ([`spawn_prefixed`]) and fails if any child fails. Children log as their parent
+//! does (format and colour, `arbor_common::logging::child_env`).
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
@@ -14,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use arbor_common::logging;
 use clap::Args;
 
 use crate::error::RuntimeError;
@@ -189,10 +191,8 @@ pub fn spawn_local_ranks(
             .args(trailing_args)
             // Each child is a worker of its own (a restart id is never shared).
             .env_remove(WORKER_ID_ENV)
-            .env_remove(RESTARTS_ENV)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        children.push(spawn_prefixed(command, &format!("[local {local_rank}] "))?);
+            .env_remove(RESTARTS_ENV);
+        children.push(spawn_prefixed(command, &format!("local {local_rank}"))?);
     }
     let mut failed = 0;
     for (mut child, pumps) in children {
@@ -213,30 +213,38 @@ pub fn spawn_local_ranks(
     Ok(())
 }
 
-/// Spawns `command` with its stdout and stderr copied to ours, each line prefixed. The caller
-/// joins the returned threads after the child exits to get its last lines.
+/// Spawns `command` with its stdout and stderr piped and copied to ours, each line marked with
+/// `label`: `[label] line` in text, a `"process": label` member in JSON
+/// ([`arbor_common::logging::child_line`]). The child logs in this process's format, with colour
+/// exactly when this process's log has it. The caller joins the returned threads after the child
+/// exits to get its last lines.
 pub fn spawn_prefixed(
     mut command: Command,
-    prefix: &str,
+    label: &str,
 ) -> Result<(Child, Vec<JoinHandle<()>>), RuntimeError> {
+    let settings = logging::settings();
+    command
+        .envs(logging::child_env(settings))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = command.spawn().map_err(|error| RuntimeError::Spawn {
         command: format!("{command:?}"),
         message: error.to_string(),
     })?;
     let mut pumps = Vec::new();
     if let Some(stdout) = child.stdout.take() {
-        let prefix = prefix.to_string();
+        let label = label.to_string();
         pumps.push(std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                println!("{prefix}{line}");
+                println!("{}", logging::child_line(&label, &line, settings.format));
             }
         }));
     }
     if let Some(stderr) = child.stderr.take() {
-        let prefix = prefix.to_string();
+        let label = label.to_string();
         pumps.push(std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("{prefix}{line}");
+                eprintln!("{}", logging::child_line(&label, &line, settings.format));
             }
         }));
     }

@@ -19,18 +19,27 @@ fn curve_error(message: impl std::fmt::Display) -> WorkerError {
     WorkerError::Training(format!("loss curve: {message}"))
 }
 
+/// The moving average of a loss series, one value at a time, debiased like TensorBoard's
+/// smoothing (the TensorBoard log's `loss/smoothed` continues it across sessions).
+#[derive(Debug, Clone, Default)]
+pub struct LossSmoother {
+    average: f64,
+    weight: f64,
+}
+
+impl LossSmoother {
+    /// Adds the next loss; returns the average so far.
+    pub fn push(&mut self, loss: f64) -> f64 {
+        self.average = SMOOTHING * self.average + (1.0 - SMOOTHING) * loss;
+        self.weight = SMOOTHING * self.weight + (1.0 - SMOOTHING);
+        self.average / self.weight
+    }
+}
+
 /// The moving average of `losses`, debiased like TensorBoard's smoothing.
 pub fn smoothed(losses: &[f64]) -> Vec<f64> {
-    let mut average = 0.0;
-    let mut weight = 0.0;
-    losses
-        .iter()
-        .map(|loss| {
-            average = SMOOTHING * average + (1.0 - SMOOTHING) * loss;
-            weight = SMOOTHING * weight + (1.0 - SMOOTHING);
-            average / weight
-        })
-        .collect()
+    let mut smoother = LossSmoother::default();
+    losses.iter().map(|loss| smoother.push(*loss)).collect()
 }
 
 /// PNG bytes of the loss curve of `points`, `width` × `height` pixels.

@@ -2,7 +2,8 @@
 //! batch meets them, and the trainer that drives them for the worker runtime.
 //!
 //! batch_inputs → training_model → distributed_step (loss and backward of train_step,
-//! all-reduce, clip, AdamW, EMA) → metrics_log → checkpoint / sampling / run_exports, all driven by `trainer`.
+//! all-reduce, clip, AdamW, EMA) → metrics_log and tensorboard → checkpoint / sampling /
+//! run_exports, all driven by `trainer`.
 
 pub mod adamw;
 pub mod batch_inputs;
@@ -19,6 +20,7 @@ pub mod run_dir;
 pub mod run_exports;
 pub mod sample_grid;
 pub mod sampling;
+pub mod tensorboard;
 pub mod train_step;
 pub mod trainer;
 pub mod training_model;

@@ -160,19 +160,20 @@ fn render(model: &TrainingModel, settings: &SampleSettings, step: u64) -> Result
     images_to_grid_png(&images.to_device(tch::Device::Cpu), GRID_COLUMNS)
 }
 
-/// Renders and writes `samples/step-<N>.png`; returns its key, or `None` without prompts.
+/// Renders and writes `samples/step-<N>.png`; returns its key and PNG bytes, or `None` without
+/// prompts.
 pub fn write_samples(
     run_dir: &RunDir,
     model: &mut TrainingModel,
     settings: &SampleSettings,
     step: u64,
-) -> Result<Option<String>> {
+) -> Result<Option<(String, Vec<u8>)>> {
     let Some(png) = render_samples(model, settings, step)? else {
         return Ok(None);
     };
     let key = sample_key(step);
-    run_dir.put(&key, png)?;
-    Ok(Some(key))
+    run_dir.put(&key, png.clone())?;
+    Ok(Some((key, png)))
 }
 
 /// Writes `loss.png` from `(step, loss)` points; nothing when there are none.

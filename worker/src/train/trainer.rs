@@ -13,9 +13,10 @@
 //!   per-sample timesteps drawn from a stream seeded by (job seed, epoch, batch, rank), the
 //!   diffusion loss, backward, and [`DistributedStep`] (all-reduce, clip, AdamW, EMA) on the
 //!   final micro-step of each accumulation window; then metrics, logs, and on rank 0 the
-//!   sample grid and loss curve every `samples.every` steps.
+//!   metrics.jsonl and TensorBoard records (`RunLogs`), and the sample grid and loss curve
+//!   every `samples.every` steps.
 //! - `checkpoint`: this rank's part of `checkpoints/step-<N>/` (rank 0 writes the tensors).
-//! - `finish`: rank 0 writes the exports, the final loss curve and the metrics.
+//! - `finish`: rank 0 writes the exports, the final loss curve, the metrics and TensorBoard.
 //!
 //! Errors come back as strings: a collective error makes the runtime report it to the
 //! coordinator, which regroups.
@@ -53,10 +54,11 @@ use crate::train::phase_clock::{Phase, PhaseClock, PhaseSeconds};
 use crate::train::run_dir::RunDir;
 use crate::train::run_exports::{step_exports_prefix, write_exports, EXPORTS_PREFIX};
 use crate::train::sampling::{write_loss_curve, write_samples, SampleSettings};
+use crate::train::tensorboard::{tags, TensorBoardLog};
 use crate::train::training_model::TrainingModel;
 
-/// Optimizer steps between rewrites of `metrics.jsonl` (it is also flushed at checkpoints,
-/// samples and the end).
+/// Optimizer steps between rewrites of `metrics.jsonl` and flushes of the TensorBoard log (both
+/// are also flushed at checkpoints, samples and the end).
 const METRICS_FLUSH_EVERY: u64 = 10;
 /// Optimizer steps between `step` log lines (the first few steps are always logged), and between
 /// the read-backs of the steps' losses: no other step makes the host wait for the device.
@@ -100,11 +102,43 @@ struct Session {
     step_driver: DistributedStep,
     lr_schedule: LrSchedule,
     run_dir: RunDir,
-    metrics: Option<MetricsLog>,
+    /// Rank 0's metrics.jsonl and TensorBoard log.
+    logs: Option<RunLogs>,
     /// Loads the batches, those the runtime announces ahead in the background.
     fetcher: BatchFetcher,
     augment: CaptionAugment,
     samples: SampleSettings,
+}
+
+/// Rank 0's logs of the steps: `metrics.jsonl` and the session's TensorBoard event file, appended
+/// and flushed together.
+struct RunLogs {
+    metrics: MetricsLog,
+    tensorboard: TensorBoardLog,
+}
+
+impl RunLogs {
+    /// Opens both for a session resuming at `resume_step` (records after it are dropped from
+    /// metrics.jsonl; TensorBoard drops them on the new file's session start).
+    fn open(run_dir: &RunDir, resume_step: u64) -> Result<Self> {
+        let metrics = MetricsLog::open(run_dir, resume_step)?;
+        let history = metrics.records().map(|record| record.loss);
+        let tensorboard = TensorBoardLog::open(run_dir, resume_step, history)?;
+        Ok(Self {
+            metrics,
+            tensorboard,
+        })
+    }
+
+    fn append(&mut self, record: StepMetrics) -> Result<()> {
+        self.tensorboard.append_step(&record);
+        self.metrics.append(record)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.metrics.flush()?;
+        self.tensorboard.flush()
+    }
 }
 
 /// The statistics of the accumulation window in progress.
@@ -300,7 +334,7 @@ impl TchTrainer {
             step_driver,
             lr_schedule,
             run_dir,
-            metrics: None,
+            logs: None,
             fetcher,
             augment: CaptionAugment::from_config(&config.data),
             samples: SampleSettings::from_config(config)?,
@@ -466,8 +500,8 @@ impl TchTrainer {
         self.form_group(group, device, timeout)?;
         self.restore(group)?;
         let session = self.session.as_mut().ok_or_else(not_started)?;
-        session.metrics = if group.rank == 0 {
-            Some(MetricsLog::open(&session.run_dir, self.step)?)
+        session.logs = if group.rank == 0 {
+            Some(RunLogs::open(&session.run_dir, self.step)?)
         } else {
             None
         };
@@ -741,12 +775,12 @@ impl TchTrainer {
             }
         }
         let last_loss = records.last().map(|record| record.loss);
-        if let Some(metrics) = session.metrics.as_mut() {
+        if let Some(logs) = session.logs.as_mut() {
             for record in records {
                 let step = record.step;
-                metrics.append(record)?;
+                logs.append(record)?;
                 if step % METRICS_FLUSH_EVERY == 0 {
-                    metrics.flush()?;
+                    logs.flush()?;
                 }
             }
         }
@@ -760,20 +794,27 @@ impl TchTrainer {
         let Some(session) = self.session.as_mut() else {
             return;
         };
-        let Some(metrics) = session.metrics.as_mut() else {
+        let Some(logs) = session.logs.as_mut() else {
             return;
         };
-        if let Err(error) = metrics.flush() {
-            warn!(step, %error, "writing metrics.jsonl failed");
+        if let Err(error) = logs.flush() {
+            warn!(step, %error, "writing metrics.jsonl or the tensorboard log failed");
         }
-        let history = metrics.loss_history();
+        let history = logs.metrics.loss_history();
         if let Err(error) = write_loss_curve(&session.run_dir, &history) {
             warn!(step, %error, "writing loss.png failed");
         }
         let started = Instant::now();
         match write_samples(&session.run_dir, &mut session.model, &session.samples, step) {
-            Ok(Some(key)) => {
-                info!(step, key = %key, seconds = started.elapsed().as_secs_f64(), "samples written")
+            Ok(Some((key, png))) => {
+                info!(step, key = %key, seconds = started.elapsed().as_secs_f64(), "samples written");
+                let tensorboard = &mut logs.tensorboard;
+                if let Err(error) = tensorboard
+                    .append_png(step, tags::SAMPLES, &png)
+                    .and_then(|()| tensorboard.flush())
+                {
+                    warn!(step, %error, "writing the samples to the tensorboard log failed");
+                }
             }
             Ok(None) => {}
             Err(error) => warn!(step, %error, "rendering samples failed"),
@@ -839,8 +880,8 @@ impl TchTrainer {
             ema_updates: session.ema.as_ref().map_or(0, Ema::update_count),
         };
         write_checkpoint_part(&session.run_dir, &contents)?;
-        if let Some(metrics) = session.metrics.as_mut() {
-            metrics.flush()?;
+        if let Some(logs) = session.logs.as_mut() {
+            logs.flush()?;
         }
         Ok(())
     }
@@ -862,9 +903,9 @@ impl TchTrainer {
         let Some(session) = self.session.as_mut() else {
             return Ok(());
         };
-        if let Some(metrics) = session.metrics.as_mut() {
-            metrics.flush()?;
-            write_loss_curve(&session.run_dir, &metrics.loss_history())?;
+        if let Some(logs) = session.logs.as_mut() {
+            logs.flush()?;
+            write_loss_curve(&session.run_dir, &logs.metrics.loss_history())?;
         }
         let keys = write_session_exports(session, EXPORTS_PREFIX)?;
         info!(step, exports = ?keys, run_dir = session.run_dir.location(), "training finished");

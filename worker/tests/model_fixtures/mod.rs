@@ -19,7 +19,8 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn python_bin() -> PathBuf {
+/// The project's Python (`ARBOR_PYTHON_BIN`, else the venv's).
+pub fn python_bin() -> PathBuf {
     std::env::var_os("ARBOR_PYTHON_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join(".venv/bin/python"))
