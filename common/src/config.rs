@@ -177,6 +177,9 @@ pub struct ClusterSection {
     pub tls_key: Option<String>,
     /// Largest accepted request, in bytes.
     pub max_request_bytes: usize,
+    /// Times a rank may report the same failure to start its trainer (a missing model, a
+    /// corrupt checkpoint) before the job fails with it; each earlier one regroups.
+    pub max_start_failures: u32,
 }
 
 impl Default for ClusterSection {
@@ -192,6 +195,7 @@ impl Default for ClusterSection {
             tls_cert: None,
             tls_key: None,
             max_request_bytes: 4 << 20,
+            max_start_failures: 3,
         }
     }
 }
@@ -679,6 +683,9 @@ impl JobConfig {
             ));
         }
         let cluster = &self.cluster;
+        if cluster.max_start_failures == 0 {
+            return Err(invalid("cluster.max_start_failures", "must be at least 1"));
+        }
         if cluster.min_workers == 0 {
             return Err(invalid("cluster.min_workers", "must be at least 1"));
         }
@@ -1091,6 +1098,7 @@ mod tests {
         let cases = [
             ("schedule.bsz=0", "schedule.bsz"),
             ("cluster.max_workers=0", "cluster.max_workers"),
+            ("cluster.max_start_failures=0", "cluster.max_start_failures"),
             (
                 "cluster.heartbeat_timeout_s=1",
                 "cluster.heartbeat_timeout_s",

@@ -326,8 +326,12 @@ fn run_group(
         state.batches_done = resume.batch;
     }
     if let Err(error) = trainer.start(&group, config) {
+        // The coordinator decides: it re-forms the group for another try, or fails the job
+        // after `cluster.max_start_failures` (and the next Join says so).
+        warn!(%error, "the trainer did not start; reporting it and joining again");
         report_start_failure(runtime, client, worker_id, &progress, &error);
-        return Err(RuntimeError::Trainer(error));
+        std::thread::sleep(Duration::from_secs(1));
+        return Ok(GroupEnd::Regroup);
     }
     let table = BucketTable::new(config.buckets.bucket_params())?;
     let (stop_heartbeats, stopped) = watch::channel(false);
@@ -356,8 +360,8 @@ fn run_group(
     end
 }
 
-/// Tells the coordinator that this rank's trainer did not start, so it fails the job with the
-/// reason instead of regrouping into the same failure. Best effort: a coordinator that cannot
+/// Tells the coordinator that this rank's trainer did not start, so that the same failure
+/// fails the job with its reason instead of regrouping into it forever. Best effort: a coordinator that cannot
 /// be reached within a few seconds sees the worker lost instead.
 fn report_start_failure(
     runtime: &tokio::runtime::Runtime,

@@ -94,6 +94,8 @@ pub struct Membership {
     ledger: EpochLedger,
     events: EventLog,
     step_rate: StepRate,
+    /// Trainer start failures reported by ranks, by their error text.
+    start_failures: HashMap<String, u32>,
     forming_since: Instant,
     last_join: Instant,
 }
@@ -152,6 +154,7 @@ impl Membership {
             ledger,
             events: EventLog::default(),
             step_rate: StepRate::default(),
+            start_failures: HashMap::new(),
             forming_since: now,
             last_join: now,
         };
@@ -437,12 +440,7 @@ impl Membership {
         };
         self.book_heartbeat(heartbeat, &lines)?;
         if heartbeat.fatal {
-            let reason = format!(
-                "rank {} cannot train this job: {}",
-                member.rank, heartbeat.error
-            );
-            self.fail(reason.clone());
-            return Ok(reply(Command::Stop, &format!("job failed: {reason}")));
+            return Ok(self.start_failed(member.rank, &heartbeat.error));
         }
         if !heartbeat.error.is_empty() {
             let text = format!("rank {} reported: {}", member.rank, heartbeat.error);
@@ -501,6 +499,26 @@ impl Membership {
             .map_err(|error| MembershipError::Internal(format!("writing the ledger: {error:#}")))?;
         self.observe_progress(self.clock.now());
         Ok(())
+    }
+
+    /// A rank's trainer did not start. The same failure (by its text) `max_start_failures`
+    /// times fails the job with it; before that the group re-forms and tries again.
+    fn start_failed(&mut self, rank: u32, error: &str) -> HeartbeatReply {
+        let limit = self.config.cluster.max_start_failures;
+        let count = self.start_failures.entry(error.to_string()).or_insert(0);
+        *count = count.saturating_add(1);
+        let count = *count;
+        if count >= limit {
+            let reason = format!(
+                "rank {rank} cannot train this job ({count} start failures, cluster.max_start_failures {limit}): {error}"
+            );
+            self.fail(reason.clone());
+            return reply(Command::Stop, &format!("job failed: {reason}"));
+        }
+        let text = format!("rank {rank} could not start ({count} of {limit}): {error}");
+        self.event(text.clone());
+        self.start_regroup(text.clone());
+        reply(Command::Regroup, &text)
     }
 
     pub fn shard_source(&mut self, ask: &ShardAsk) -> Result<Option<ShardSource>, MembershipError> {

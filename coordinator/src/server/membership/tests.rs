@@ -756,22 +756,40 @@ proptest! {
 }
 
 #[test]
-fn a_rank_whose_trainer_cannot_start_fails_the_job_instead_of_regrouping_forever() {
+fn the_same_start_failure_max_start_failures_times_fails_the_job() {
     let mut harness = Harness::running();
-    let regroups = harness.membership.state.regroups;
-    let mut fatal = harness.heartbeat("w1", 1);
-    fatal.error = "the trainer did not start: model.path /nope: no such file".into();
-    fatal.fatal = true;
-    let reply = harness.membership.heartbeat(&fatal).unwrap();
+    let error = "the trainer did not start: model.path /nope: no such file";
+    let fatal = |harness: &Harness| {
+        let mut fatal = harness.heartbeat("w1", 1);
+        fatal.error = error.into();
+        fatal.fatal = true;
+        fatal
+    };
+    // The default limit is 3: twice the group re-forms and tries again.
+    for attempt in 1..=2 {
+        let reply = harness.membership.heartbeat(&fatal(&harness)).unwrap();
+        assert_eq!(reply.command, Command::Regroup as i32, "attempt {attempt}");
+        assert!(
+            reply.reason.contains(&format!("({attempt} of 3)")),
+            "{}",
+            reply.reason
+        );
+        harness.join("w0", 0);
+        harness.join("w1", 1);
+        harness.clock.advance(Duration::from_secs(1));
+        harness.membership.tick().unwrap();
+        assert_eq!(harness.membership.phase(), &Phase::Running);
+    }
+    let reply = harness.membership.heartbeat(&fatal(&harness)).unwrap();
     assert_eq!(reply.command, Command::Stop as i32);
     match harness.membership.phase() {
         Phase::Failed(reason) => assert!(
-            reason.contains("rank 1 cannot train this job") && reason.contains("model.path /nope"),
+            reason.contains("rank 1 cannot train this job (3 start failures")
+                && reason.contains("model.path /nope"),
             "{reason}"
         ),
         other => panic!("the job goes on: {other:?}"),
     }
-    assert_eq!(harness.membership.state.regroups, regroups);
     let persisted = JobState::load(&LocalRunStore::new(harness.run_dir.path().to_path_buf()))
         .unwrap()
         .unwrap();
