@@ -75,6 +75,7 @@ pub fn export_diffusers(
     out_dir: &Path,
 ) -> Result<()> {
     copy_non_weight_files(config_source, out_dir)?;
+    write_slow_tokenizer_files(&out_dir.join("tokenizer"))?;
     for (&component, tensors) in components {
         let file_name = match component {
             Component::TextEncoder => "model.safetensors",
@@ -87,6 +88,57 @@ pub fn export_diffusers(
             .collect();
         write(&path, &named)?;
     }
+    Ok(())
+}
+
+/// Gives a tokenizer folder that holds only `tokenizer.json` (what transformers 5 saves) the
+/// `vocab.json` and `merges.txt` that `CLIPTokenizer.from_pretrained` of transformers 4.x and
+/// other slow-tokenizer readers need, derived from its BPE model. `merges.txt` starts with the
+/// `#version` line those readers skip.
+fn write_slow_tokenizer_files(tokenizer_dir: &Path) -> Result<()> {
+    let json_path = tokenizer_dir.join("tokenizer.json");
+    let vocab_path = tokenizer_dir.join("vocab.json");
+    let merges_path = tokenizer_dir.join("merges.txt");
+    if !json_path.is_file() || (vocab_path.is_file() && merges_path.is_file()) {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&json_path).map_err(WorkerError::io(&json_path))?;
+    let tokenizer_error = |message: String| WorkerError::Tokenizer {
+        path: json_path.clone(),
+        message,
+    };
+    let parsed: serde_json::Value =
+        serde_json::from_str(&text).map_err(|error| tokenizer_error(error.to_string()))?;
+    let model = &parsed["model"];
+    let (Some(vocab), Some(merges)) = (model["vocab"].as_object(), model["merges"].as_array())
+    else {
+        return Err(tokenizer_error(
+            "model.vocab or model.merges missing (not a BPE tokenizer)".to_string(),
+        ));
+    };
+    let mut merge_lines = String::from("#version: 0.2\n");
+    for merge in merges {
+        // tokenizers writes a merge as "a b" (before 0.20) or as ["a", "b"].
+        let line = match merge {
+            serde_json::Value::String(pair) => pair.clone(),
+            serde_json::Value::Array(pair) => pair
+                .iter()
+                .filter_map(serde_json::Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "),
+            other => {
+                return Err(tokenizer_error(format!(
+                    "a merge is neither a string nor a pair: {other}"
+                )))
+            }
+        };
+        merge_lines.push_str(&line);
+        merge_lines.push('\n');
+    }
+    let vocab_text =
+        serde_json::to_string(vocab).map_err(|error| tokenizer_error(error.to_string()))?;
+    std::fs::write(&vocab_path, vocab_text).map_err(WorkerError::io(&vocab_path))?;
+    std::fs::write(&merges_path, merge_lines).map_err(WorkerError::io(&merges_path))?;
     Ok(())
 }
 
