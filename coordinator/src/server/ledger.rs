@@ -27,6 +27,17 @@ pub struct EpochLedger {
     run_store: Arc<dyn RunStore>,
     key: String,
     standing: HashMap<(u64, u32), BTreeSet<u64>>,
+    /// The newest generation read at open, and its line.
+    newest_generation: Option<(u64, usize)>,
+    /// The file ended without a newline (a write cut by a crash): the next append starts a
+    /// new line first.
+    ends_mid_line: bool,
+}
+
+/// Whether an unreadable line is an unfinished JSON object (a write cut by a crash).
+fn is_cut_short(line: &str) -> bool {
+    let line = line.trim();
+    line.starts_with('{') && !line.ends_with('}')
 }
 
 impl EpochLedger {
@@ -42,23 +53,60 @@ impl EpochLedger {
             run_store,
             key,
             standing: HashMap::new(),
+            newest_generation: None,
+            ends_mid_line: false,
         };
         let Some(bytes) = bytes else {
             return Ok(ledger);
         };
+        ledger.ends_mid_line = bytes.last().is_some_and(|&last| last != b'\n');
         let text = String::from_utf8_lossy(&bytes);
         for (index, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            // A line cut by a crash mid-write is the only one that can be partial: the last.
-            let Ok(entry) = serde_json::from_str::<LedgerLine>(line) else {
-                tracing::warn!(ledger = %ledger.key, line = index + 1, "unreadable ledger line ignored");
-                continue;
-            };
-            ledger.index(&entry);
+            match serde_json::from_str::<LedgerLine>(line) {
+                Ok(entry) => {
+                    if ledger
+                        .newest_generation
+                        .is_none_or(|(generation, _)| entry.generation > generation)
+                    {
+                        ledger.newest_generation = Some((entry.generation, index + 1));
+                    }
+                    ledger.index(&entry);
+                }
+                // A line cut by a crash mid-write is an unfinished JSON object; the next append
+                // starts on a line of its own. Anything else is not a ledger this code wrote.
+                Err(_) if is_cut_short(line) => {
+                    tracing::warn!(ledger = %ledger.key, line = index + 1, "ledger line cut short by a crash ignored");
+                }
+                Err(error) => {
+                    anyhow::bail!(
+                        "{}/{} line {}: not a ledger line ({error}): {}",
+                        ledger.run_store.location(),
+                        ledger.key,
+                        index + 1,
+                        line.chars().take(120).collect::<String>()
+                    );
+                }
+            }
         }
         Ok(ledger)
+    }
+
+    /// Checks the ledger against the job state that names it: no line may come from a
+    /// generation after the state's last one.
+    pub fn check_generations(&self, state_generation: u64) -> anyhow::Result<()> {
+        if let Some((generation, line)) = self.newest_generation {
+            if generation > state_generation {
+                anyhow::bail!(
+                    "{}/{} line {line}: generation {generation} is after state.json's generation {state_generation}",
+                    self.run_store.location(),
+                    self.key
+                );
+            }
+        }
+        Ok(())
     }
 
     fn index(&mut self, entry: &LedgerLine) {
@@ -87,6 +135,9 @@ impl EpochLedger {
             return Ok(());
         }
         let mut text = String::new();
+        if std::mem::take(&mut self.ends_mid_line) {
+            text.push('\n');
+        }
         for entry in entries {
             text.push_str(&serde_json::to_string(entry)?);
             text.push('\n');
@@ -161,5 +212,59 @@ mod tests {
             .last()
             .unwrap()
             .contains(r#""rolled_back":true"#));
+    }
+
+    #[test]
+    fn a_line_cut_by_a_crash_is_skipped_and_the_next_append_starts_a_new_line() {
+        let directory = tempfile::tempdir().unwrap();
+        let run_store: Arc<dyn RunStore> =
+            Arc::new(LocalRunStore::new(directory.path().to_path_buf()));
+        let path = directory.path().join(EpochLedger::key(0));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(
+            &path,
+            "{\"generation\":1,\"rank\":0,\"batch\":0,\"items\":[1]}\n{\"generation\":1,\"ra",
+        )
+        .unwrap();
+        let mut ledger = EpochLedger::open(run_store.clone(), 0).unwrap();
+        assert!(ledger.contains(1, 0, 0));
+        ledger
+            .append(&[LedgerLine {
+                generation: 1,
+                rank: 0,
+                batch: 1,
+                items: Some(vec![2]),
+                rolled_back: false,
+            }])
+            .unwrap();
+        let reopened = EpochLedger::open(run_store, 0).unwrap();
+        assert!(reopened.contains(1, 0, 0) && reopened.contains(1, 0, 1));
+    }
+
+    #[test]
+    fn a_ledger_that_is_not_one_is_refused_by_file_and_line() {
+        let directory = tempfile::tempdir().unwrap();
+        let run_store: Arc<dyn RunStore> =
+            Arc::new(LocalRunStore::new(directory.path().to_path_buf()));
+        let path = directory.path().join(EpochLedger::key(0));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let good = "{\"generation\":1,\"rank\":0,\"batch\":0,\"items\":[1]}";
+        std::fs::write(&path, format!("{good}\n{{\"generation\":\"x\"}}\n{good}\n")).unwrap();
+        let error = format!(
+            "{:#}",
+            EpochLedger::open(run_store.clone(), 0).err().unwrap()
+        );
+        assert!(
+            error.contains("ledger/epoch-0.jsonl line 2: not a ledger line"),
+            "{error}"
+        );
+        std::fs::write(&path, format!("{good}\n{}\n", good.replace(":1,", ":7,"))).unwrap();
+        let ledger = EpochLedger::open(run_store, 0).unwrap();
+        let error = ledger.check_generations(3).unwrap_err().to_string();
+        assert!(
+            error.contains("line 2: generation 7 is after state.json's generation 3"),
+            "{error}"
+        );
+        ledger.check_generations(7).unwrap();
     }
 }

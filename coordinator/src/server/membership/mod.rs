@@ -129,6 +129,7 @@ impl Membership {
             )
         })?;
         let ledger = EpochLedger::open(run_store.clone(), state.epoch)?;
+        ledger.check_generations(state.generation)?;
         let now = clock.now();
         let phase = if state.finished {
             Phase::Finished
