@@ -10,7 +10,7 @@ scripts/setup.sh
 [ -f scripts/env.sh ] && source scripts/env.sh
 
 # A one-off build gains nothing from incremental compilation, and its caches would double the
-# target folder (the worker's ~30 test binaries each link libtorch's bindings).
+# target folder (the test binaries that link libtorch's bindings are large).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 echo "[test] cargo fmt --check" >&2

@@ -9,6 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use arbor_proto::v1::{HeartbeatRequest, JoinRequest, ShardRequest, StatusRequest};
+use arbor_testkit::process::{signal, wait_exit};
+use arbor_testkit::runtime;
 use support::{assert_nothing_twice_nothing_lost, Job, JobSpec, TOKEN};
 
 fn assert_exactly_once(job: &Job, epoch: u64, global_batch: usize) {
@@ -123,7 +125,7 @@ fn a_worker_killed_mid_epoch_regroups_to_two_and_the_ledger_stays_exact() {
         |job| job.ledger_lines(0).len() >= 24,
     );
     let killed_at = Instant::now();
-    Job::signal(job.workers[1].id(), "-KILL");
+    signal(job.workers[1].id(), "-KILL");
     job.wait_until(Duration::from_secs(30), "the regroup", |job| {
         job.state()["generation"].as_u64() >= Some(2)
     });
@@ -174,7 +176,7 @@ fn a_stopped_worker_is_detected_within_the_heartbeat_timeout() {
         job.ledger_lines(0).len() >= 6
     });
     let stopped_at = Instant::now();
-    Job::signal(job.workers[2].id(), "-STOP");
+    signal(job.workers[2].id(), "-STOP");
     job.wait_until(Duration::from_secs(20), "the lost worker", |job| {
         job.coordinator_log().contains("lost: no heartbeat")
     });
@@ -183,7 +185,7 @@ fn a_stopped_worker_is_detected_within_the_heartbeat_timeout() {
     assert!(detection >= 1.5, "detected too early: {detection}s");
     assert!(detection < 2.0 + 2.5, "detected after {detection}s");
     // The survivors carry on; the stopped worker, resumed, re-joins and the job still finishes.
-    Job::signal(job.workers[2].id(), "-CONT");
+    signal(job.workers[2].id(), "-CONT");
     assert!(
         job.wait_coordinator(Duration::from_secs(120)),
         "{}",
@@ -208,7 +210,7 @@ fn a_restarted_coordinator_resumes_the_job_with_the_ledger_intact() {
         !job.state()["last_checkpoint"].is_null()
     });
     let coordinator = job.coordinator.as_mut().unwrap();
-    Job::signal(coordinator.id(), "-KILL");
+    signal(coordinator.id(), "-KILL");
     coordinator.wait().unwrap();
     let generation_before = job.state()["generation"].as_u64().unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -227,13 +229,6 @@ fn a_restarted_coordinator_resumes_the_job_with_the_ledger_intact() {
     for worker in &mut job.workers {
         assert!(worker.wait().unwrap().success());
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// A client of the job's coordinator, once it answers.
@@ -570,7 +565,7 @@ fn a_changed_config_or_manifest_under_a_job_is_refused_with_the_reason() {
         !job.state().is_null()
     });
     let coordinator = job.coordinator.as_mut().unwrap();
-    Job::signal(coordinator.id(), "-KILL");
+    signal(coordinator.id(), "-KILL");
     coordinator.wait().unwrap();
 
     edit_config(&job, "seed = 5", "seed = 6");
@@ -621,7 +616,7 @@ fn losing_workers_below_min_workers_fails_the_job_after_the_join_timeout() {
         !job.state()["last_checkpoint"].is_null()
     });
     let killed_at = Instant::now();
-    Job::signal(job.workers[1].id(), "-KILL");
+    signal(job.workers[1].id(), "-KILL");
     job.workers[1].wait().unwrap();
     assert!(
         !job.wait_coordinator(Duration::from_secs(60)),
@@ -642,7 +637,7 @@ fn losing_workers_below_min_workers_fails_the_job_after_the_join_timeout() {
     );
     assert!(failed_after < Duration::from_secs(30));
     // The survivor is told and exits rather than waiting forever.
-    support::wait_exit(
+    wait_exit(
         &mut job.workers[0],
         Duration::from_secs(30),
         "the surviving worker",
@@ -664,7 +659,7 @@ fn with_keep_serving_a_finished_coordinator_answers_status_until_sigterm() {
     job.wait_until(Duration::from_secs(60), "the job to finish", |job| {
         job.state()["finished"] == true
     });
-    support::wait_exit(&mut job.workers[0], Duration::from_secs(30), "the worker");
+    wait_exit(&mut job.workers[0], Duration::from_secs(30), "the worker");
     // Well past the grace after which a coordinator without --keep-serving exits.
     std::thread::sleep(Duration::from_secs(3));
     let coordinator = job.coordinator.as_mut().unwrap();
@@ -683,7 +678,7 @@ fn with_keep_serving_a_finished_coordinator_answers_status_until_sigterm() {
             .phase
     });
     assert_eq!(phase, "finished");
-    Job::signal(job.coordinator.as_ref().unwrap().id(), "-TERM");
+    signal(job.coordinator.as_ref().unwrap().id(), "-TERM");
     assert!(job.wait_coordinator(Duration::from_secs(30)));
 }
 

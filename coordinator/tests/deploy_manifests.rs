@@ -18,6 +18,7 @@ use std::process::Command;
 use anyhow::{anyhow, bail, ensure, Context};
 use arbor_common::config::{JobConfig, Override};
 use arbor_coordinator::cli::Cli;
+use arbor_testkit::{repo_root, venv};
 use clap::{CommandFactory, Parser};
 use serde_json::Value;
 
@@ -61,22 +62,8 @@ const OTHER_VARIABLES: [&str; 1] = ["HOME"];
 /// The uid every arbor image and pod runs as.
 const ARBOR_UID: i64 = 65532;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the coordinator crate sits in the repository")
-        .to_path_buf()
-}
-
-/// The project's virtualenv: `ARBOR_VENV` (as scripts/setup.sh honours it), else `.venv`.
-fn venv_dir() -> PathBuf {
-    std::env::var_os("ARBOR_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv"))
-}
-
 fn venv_bin(name: &str) -> PathBuf {
-    venv_dir().join("bin").join(name)
+    venv().join("bin").join(name)
 }
 
 fn kubectl() -> anyhow::Result<PathBuf> {
@@ -1862,7 +1849,7 @@ fn check_worker_libraries(
         .and_then(|lib| lib.file_name())
         .map(|name| name.to_string_lossy().to_string())
         .unwrap_or_default();
-    let local_site_packages = venv_dir().join("lib").join(&python).join("site-packages");
+    let local_site_packages = venv().join("lib").join(&python).join("site-packages");
     ensure!(
         local_site_packages.join("torch").exists(),
         "{file}: the image installs torch for {python}, but {} has none (run scripts/setup.sh)",

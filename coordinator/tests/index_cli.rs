@@ -1,33 +1,9 @@
 //! `arbor index` end to end on the odd-file corpus (bench/loader/make_corpus.py, run with the
 //! project's virtualenv from scripts/setup.sh): exit status, summary line, manifest and report.
 
-use std::path::{Path, PathBuf};
-
+use arbor_testkit::make_odd_corpus;
 use assert_cmd::Command;
 use serde_json::Value;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn make_odd_corpus(out: &Path) {
-    let venv = std::env::var_os("ARBOR_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".venv"));
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/setup.sh",
-        python.display()
-    );
-    let status = std::process::Command::new(python)
-        .arg(workspace_root().join("bench/loader/make_corpus.py"))
-        .arg("odd")
-        .arg(out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
 
 #[test]
 fn index_writes_the_manifest_and_reports_every_skip() {

@@ -7,7 +7,8 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{assert_nothing_twice_nothing_lost, try_wait_for, Job, JobSpec, TOKEN};
+use arbor_testkit::process::{signal, try_wait_for};
+use support::{assert_nothing_twice_nothing_lost, Job, JobSpec, TOKEN};
 
 /// `arbor launch --dry-run` of the job, with its combined output going to `output.log`.
 fn launch(job: &Job, workers: u32, simulate_step_ms: u64) -> Child {
@@ -101,7 +102,7 @@ fn ctrl_c_stops_the_coordinator_and_every_worker_and_a_relaunch_resumes_the_job(
         "a coordinator and 3 workers: {children:?}"
     );
     let interrupted_at = Instant::now();
-    Job::signal(launcher.id(), "-INT");
+    signal(launcher.id(), "-INT");
     let exit = try_wait_for(&mut launcher, Duration::from_secs(30));
     let stop_seconds = interrupted_at.elapsed().as_secs_f64();
     let text = output(&job);
@@ -187,7 +188,7 @@ fn a_worker_that_dies_and_is_regrouped_around_does_not_fail_a_finished_job() {
     // The last-started child is worker 2; kill it hard, as the OOM killer would.
     let children = children_of(launcher.id());
     let victim = *children.last().expect("launch has children");
-    Job::signal(victim, "-KILL");
+    signal(victim, "-KILL");
     let exit = try_wait_for(&mut launcher, Duration::from_secs(180));
     let text = output(&job);
     assert_eq!(job.state()["finished"], true, "{text}");

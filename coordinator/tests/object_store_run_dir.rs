@@ -6,83 +6,17 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use arbor_data::store::DatasetStore;
+use arbor_testkit::ledger::{parse_ledger, trained_items};
+use arbor_testkit::moto::MotoServer;
 use object_store::PutPayload;
-use support::{parse_ledger, trained_items, Job, JobSpec};
+use support::{Job, JobSpec};
 
 const BUCKET: &str = "arbor-runs";
-
-struct MotoServer {
-    child: Child,
-    port: u16,
-}
-
-impl MotoServer {
-    fn start() -> Self {
-        let port = support::free_port();
-        let moto = repo_root().join(".venv/bin/moto_server");
-        assert!(
-            moto.exists(),
-            "{} is missing: run scripts/setup.sh",
-            moto.display()
-        );
-        let child = Command::new(moto)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting moto_server");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not listen");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(
-            stream,
-            "PUT /{BUCKET} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        Self { child, port }
-    }
-
-    /// The environment every process of the job gets.
-    fn environment(&self) -> Vec<(String, String)> {
-        [
-            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
-            ("AWS_ALLOW_HTTP", "true".to_string()),
-            ("AWS_ACCESS_KEY_ID", "testing".to_string()),
-            ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
-            ("AWS_REGION", "us-east-1".to_string()),
-        ]
-        .into_iter()
-        .map(|(key, value)| (key.to_string(), value))
-        .collect()
-    }
-}
-
-impl Drop for MotoServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// Object-store calls with the job's environment applied as store options.
 struct Bucket {
@@ -92,16 +26,10 @@ struct Bucket {
 
 impl Bucket {
     fn open(server: &MotoServer, prefix: &str) -> Self {
-        let options = server
-            .environment()
-            .into_iter()
-            .map(|(key, value)| (key.to_lowercase(), value));
         let store =
-            DatasetStore::open_with_options(&format!("s3://{BUCKET}/{prefix}"), options).unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+            DatasetStore::open_with_options(&format!("s3://{BUCKET}/{prefix}"), server.options())
+                .unwrap();
+        let runtime = arbor_testkit::runtime();
         Self { store, runtime }
     }
 
@@ -136,6 +64,7 @@ impl Bucket {
 #[test]
 fn a_job_runs_with_its_manifest_images_and_run_directory_in_s3() {
     let server = MotoServer::start();
+    server.create_bucket(BUCKET);
     let mut job = Job::new(&JobSpec {
         items: 60,
         epochs: 2,
@@ -225,6 +154,7 @@ fn arbor_with(server: &MotoServer, arguments: &[&str]) -> (bool, String, String)
 #[test]
 fn index_plan_and_preview_read_and_write_object_store_urls() {
     let server = MotoServer::start();
+    server.create_bucket(BUCKET);
     let folder = tempfile::tempdir().unwrap();
     for index in 0..12u32 {
         let (width, height) = (64 + index * 8, 96 - index * 3);

@@ -23,6 +23,7 @@ COPY proto proto
 COPY common common
 COPY coordinator coordinator
 COPY worker worker
+COPY testkit testkit
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/build/target,id=arbor-coordinator-target \
     cargo build --release --locked -p arbor-coordinator --bin arbor \

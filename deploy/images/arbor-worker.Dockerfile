@@ -36,6 +36,7 @@ COPY proto proto
 COPY common common
 COPY coordinator coordinator
 COPY worker worker
+COPY testkit testkit
 # worker/build.rs bakes an rpath to $LIBTORCH/lib into the binary, so the runtime stage keeps
 # the wheels at the same path; torch's own libraries find the nvidia ones by their
 # $ORIGIN/../../nvidia/*/lib rpaths.

@@ -4,7 +4,7 @@
 
     parity.py --fixtures DIR --probe-out FILE --device cuda [--reference] > result.json
 
-Metrics are the worker's parity tests' (worker/tests/model_fixtures): forward outputs by max abs
+Metrics are the worker's parity tests' (worker/tests/it/model_fixtures.rs): forward outputs by max abs
 error (tolerance 1e-4), gradients (`train.grad.*`) by max abs error relative to
 max(|golden|.max(), 1e-4) (tolerance 1e-3). Those tolerances hold CPU against CPU. On a GPU,
 PyTorch itself departs from its CPU results (cuDNN convolutions run in TF32 by default, in

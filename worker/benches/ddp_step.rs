@@ -25,7 +25,6 @@
 //! at 2.41 TFLOP of training compute per 512x512 image (scaled by pixel count). On CUDA the phase
 //! boundaries synchronize the device.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -394,15 +393,10 @@ fn rank_main(options: &Options, rank: usize, store: &str, config_path: &Path) ->
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// Runs the ranks of arbor's side as child processes of this bench binary; rank 0's JSON.
 fn run_arbor(options: &Options, config_path: &Path) -> Result<serde_json::Value> {
     let executable = std::env::current_exe().context("locating the bench binary")?;
-    let store = format!("127.0.0.1:{}", free_port()?);
+    let store = format!("127.0.0.1:{}", arbor_testkit::free_port());
     let rank_command = |rank: usize| {
         let mut command = Command::new(&executable);
         command

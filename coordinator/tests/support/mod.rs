@@ -1,27 +1,16 @@
 //! A job on loopback with real processes: a generated dataset, a job.toml, `arbor coordinator`
 //! and `arbor worker --dry-run` children, and readers for the run directory.
 
+// Each test binary of this folder uses a part of this module.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use serde_json::Value;
-
-mod ledger_audit;
-pub use ledger_audit::{parse_ledger, trained_items};
+use arbor_testkit::job::{JobToml, LoopbackJob};
 
 pub const TOKEN: &str = "test-token-0123456789";
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A CA and a server certificate for 127.0.0.1 and localhost signed by it, as PEM files
 /// `ca.pem`, `server.pem` and `server.key` in `folder`.
@@ -42,18 +31,21 @@ pub fn write_tls_files(folder: &Path) {
     std::fs::write(folder.join("server.key"), server_key.serialize_pem()).unwrap();
 }
 
+/// A loopback job of `arbor coordinator` and `arbor worker --dry-run` children; the folder,
+/// the children and the run-directory readers are [`LoopbackJob`]'s.
 pub struct Job {
-    pub dir: tempfile::TempDir,
-    pub grpc_port: u16,
-    pub metrics_port: u16,
-    pub coordinator: Option<Child>,
-    pub workers: Vec<Child>,
-    pub items: usize,
+    base: LoopbackJob,
     /// Whether the coordinator serves TLS (with `tls/ca.pem` as the clients' CA).
     pub tls: bool,
     /// Environment for every process of the job (object-store credentials, endpoints).
     pub env: Vec<(String, String)>,
 }
+
+arbor_testkit::loopback_job!(
+    Job,
+    poll: Duration::from_millis(50),
+    diagnostics: |job| format!("coordinator log:\n{}", job.coordinator_log())
+);
 
 pub struct JobSpec {
     pub items: usize,
@@ -88,9 +80,9 @@ impl Default for JobSpec {
 
 impl Job {
     pub fn new(spec: &JobSpec) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir_all(data.join("images")).unwrap();
+        let base = LoopbackJob::new(spec.items);
+        let dir = base.path();
+        let data = dir.join("data");
         let mut manifest = String::new();
         for index in 0..spec.items {
             // Varied aspect ratios, one 8:1 panorama in 50 (pruned).
@@ -123,63 +115,31 @@ impl Job {
             ));
         }
         std::fs::write(data.join("manifest.jsonl"), manifest).unwrap();
-        let grpc_port = free_port();
-        let metrics_port = free_port();
         let tls_lines = if spec.tls {
-            write_tls_files(&dir.path().join("tls"));
+            write_tls_files(&dir.join("tls"));
             "tls_cert = \"tls/server.pem\"\ntls_key = \"tls/server.key\"\n"
         } else {
             ""
         };
-        let config = format!(
-            r#"[job]
-name = "test"
-run_dir = "run"
-seed = 5
-
-[data]
-manifest = "data/manifest.jsonl"
-
-[schedule]
-bsz = {bsz}
-epochs = {epochs}
-checkpoint_every = {checkpoint_every}
-
-[cluster]
-listen = "127.0.0.1:{grpc_port}"
-metrics_listen = "127.0.0.1:{metrics_port}"
-min_workers = {min_workers}
-max_workers = {max_workers}
-join_timeout_s = 60
-heartbeat_interval_s = 0.25
-heartbeat_timeout_s = {heartbeat_timeout_s}
-{tls_lines}"#,
-            bsz = spec.bsz,
-            epochs = spec.epochs,
-            checkpoint_every = spec.checkpoint_every,
-            min_workers = spec.min_workers,
-            max_workers = spec.max_workers,
-            heartbeat_timeout_s = spec.heartbeat_timeout_s,
-        );
-        std::fs::write(dir.path().join("job.toml"), config).unwrap();
+        let config = JobToml {
+            name: "test",
+            seed: 5,
+            bsz: spec.bsz,
+            epochs: spec.epochs,
+            checkpoint_every: spec.checkpoint_every,
+            grpc_port: base.grpc_port,
+            metrics_port: base.metrics_port,
+            min_workers: spec.min_workers,
+            max_workers: spec.max_workers,
+            join_timeout_s: 60,
+            heartbeat_timeout_s: spec.heartbeat_timeout_s,
+        };
+        std::fs::write(dir.join("job.toml"), config.render(tls_lines)).unwrap();
         Self {
-            dir,
-            grpc_port,
-            metrics_port,
-            coordinator: None,
-            workers: Vec::new(),
-            items: spec.items,
+            base,
             tls: spec.tls,
             env: Vec::new(),
         }
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    pub fn run_dir(&self) -> PathBuf {
-        self.path().join("run")
     }
 
     pub fn address(&self) -> String {
@@ -192,14 +152,6 @@ heartbeat_timeout_s = {heartbeat_timeout_s}
     /// The CA certificate of a TLS job.
     pub fn tls_ca(&self) -> PathBuf {
         self.path().join("tls").join("ca.pem")
-    }
-
-    fn log(&self, name: &str) -> std::fs::File {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path().join(format!("{name}.log")))
-            .unwrap()
     }
 
     pub fn start_coordinator(&mut self) {
@@ -243,18 +195,12 @@ heartbeat_timeout_s = {heartbeat_timeout_s}
     }
 
     pub fn worker_log(&self, local_rank: u32) -> String {
-        std::fs::read_to_string(self.path().join(format!("worker-{local_rank}.log")))
-            .unwrap_or_default()
-    }
-
-    pub fn coordinator_log(&self) -> String {
-        std::fs::read_to_string(self.path().join("coordinator.log")).unwrap_or_default()
+        self.read_log(&format!("worker-{local_rank}"))
     }
 
     /// Waits for the coordinator to exit; returns its success.
     pub fn wait_coordinator(&mut self, limit: Duration) -> bool {
-        let child = self.coordinator.as_mut().unwrap();
-        match try_wait_for(child, limit) {
+        match self.try_wait_coordinator(limit) {
             Some(status) => status.success(),
             None => panic!(
                 "coordinator still running after {limit:?}; log:\n{}",
@@ -263,93 +209,12 @@ heartbeat_timeout_s = {heartbeat_timeout_s}
         }
     }
 
-    pub fn state(&self) -> Value {
-        let text = std::fs::read_to_string(self.run_dir().join("state.json")).unwrap_or_default();
-        serde_json::from_str(&text).unwrap_or(Value::Null)
-    }
-
-    pub fn ledger_lines(&self, epoch: u64) -> Vec<Value> {
-        let path = self
-            .run_dir()
-            .join("ledger")
-            .join(format!("epoch-{epoch}.jsonl"));
-        parse_ledger(&std::fs::read_to_string(path).unwrap_or_default())
-    }
-
-    /// Item ids of every batch that stands (not rolled back) in the epoch's ledger, with the
-    /// number of times each was trained.
-    pub fn trained_items(&self, epoch: u64) -> HashMap<u64, u32> {
-        trained_items(&self.ledger_lines(epoch))
-    }
-
     /// Kept item ids (not pruned) of the generated dataset.
     pub fn kept_ids(&self) -> Vec<u64> {
         (0..self.items)
             .filter(|i| i % 50 != 49)
             .map(|i| 1000 + i as u64 * 3)
             .collect()
-    }
-
-    pub fn wait_until(
-        &self,
-        limit: Duration,
-        what: &str,
-        mut condition: impl FnMut(&Self) -> bool,
-    ) {
-        let deadline = Instant::now() + limit;
-        while !condition(self) {
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {what}; coordinator log:\n{}",
-                    self.coordinator_log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    pub fn signal(pid: u32, signal: &str) {
-        let status = Command::new("kill")
-            .arg(signal)
-            .arg(pid.to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        for child in self.workers.iter_mut().chain(self.coordinator.iter_mut()) {
-            let _ = Command::new("kill")
-                .arg("-CONT")
-                .arg(child.id().to_string())
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The child's exit status once it exits within `limit`, else `None` (it keeps running).
-pub fn try_wait_for(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Waits up to `limit` for a child to exit; kills it and panics if it does not.
-pub fn wait_exit(child: &mut Child, limit: Duration, what: &str) {
-    if try_wait_for(child, limit).is_none() {
-        let _ = child.kill();
-        panic!("{what} still running after {limit:?}");
     }
 }
 

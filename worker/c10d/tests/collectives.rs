@@ -1,116 +1,33 @@
 //! Real multi-process Gloo groups over a TCPStore on 127.0.0.1. Each test is rank 0 (it hosts the
 //! store) and spawns its other ranks as child processes: this test binary re-invoked on the
-//! `peer_entry` test with ARBOR_C10D_PEER_* variables naming the scenario. Children report over
-//! stdout lines that start with `ARBOR_PEER `.
+//! ignored `peer_entry` test with ARBOR_C10D_PEER_* variables naming the scenario. Children report
+//! over stdout lines that start with `ARBOR_PEER ` (testkit/src/peer.rs).
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use arbor_c10d::{
     generation_prefix, Backend, C10dError, GradientBuckets, GradientReducer, ProcessGroup,
 };
+use arbor_testkit::free_port;
+use arbor_testkit::peer::{self, report, Peer};
 use tch::{Device, Kind, Tensor};
-
-const PEER_LINE: &str = "ARBOR_PEER ";
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
-}
 
 fn store_address(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
 
-/// A child rank; killed on drop so a failing test leaves no process behind.
-struct Peer {
-    child: Child,
-    lines: Receiver<String>,
-}
-
-impl Peer {
-    fn spawn(scenario: &str, rank: usize, world_size: usize, port: u16) -> Result<Self> {
-        let executable = std::env::current_exe().context("current test executable")?;
-        let mut child = Command::new(executable)
-            .args(["peer_entry", "--exact", "--nocapture", "--test-threads=1"])
-            .env("ARBOR_C10D_PEER_SCENARIO", scenario)
-            .env("ARBOR_C10D_PEER_RANK", rank.to_string())
-            .env("ARBOR_C10D_PEER_WORLD_SIZE", world_size.to_string())
-            .env("ARBOR_C10D_PEER_PORT", port.to_string())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("spawn peer process")?;
-        let stdout = child.stdout.take().context("peer stdout")?;
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // libtest prints "test peer_entry ... " without a newline before our first line.
-                if let Some(start) = line.find(PEER_LINE) {
-                    let event = &line[start + PEER_LINE.len()..];
-                    if sender.send(event.to_string()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        Ok(Self { child, lines })
-    }
-
-    fn expect_event(&self, wanted: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let event = self
-                .lines
-                .recv_timeout(left)
-                .with_context(|| format!("waiting {timeout:?} for peer event {wanted:?}"))?;
-            if event.starts_with(wanted) {
-                return Ok(event);
-            }
-            if event.starts_with("failed") {
-                bail!("peer reported {event:?} while we waited for {wanted:?}");
-            }
-        }
-    }
-
-    fn wait_success(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                if !status.success() {
-                    bail!("peer exited with {status}");
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("peer still running after {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) -> Result<()> {
-        self.child.kill().context("kill peer")?;
-        self.child.wait().context("reap peer")?;
-        Ok(())
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn report(event: &str) {
-    let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "{PEER_LINE}{event}");
-    let _ = stdout.flush();
+/// Rank `rank` of `world_size` as a child process running `scenario`.
+fn spawn_peer(scenario: &str, rank: usize, world_size: usize, port: u16) -> Result<Peer> {
+    Peer::spawn(
+        &peer::test_name(module_path!(), "peer_entry"),
+        &[
+            ("ARBOR_C10D_PEER_SCENARIO", scenario.to_string()),
+            ("ARBOR_C10D_PEER_RANK", rank.to_string()),
+            ("ARBOR_C10D_PEER_WORLD_SIZE", world_size.to_string()),
+            ("ARBOR_C10D_PEER_PORT", port.to_string()),
+        ],
+    )
 }
 
 /// Tensors whose values on rank r are (r + 1) times a fixed pattern, so the mean over 2 ranks is
@@ -254,16 +171,11 @@ fn average_gradients_and_check(group: &mut ProcessGroup) -> Result<()> {
 
 const GROUP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The child side of every test (returns at once unless spawned as a peer).
+/// The child side of every test: not a test itself, run only as a peer (arbor-testkit's `peer`).
 #[test]
+#[ignore = "peer helper: the multi-process tests run it as their other ranks"]
 fn peer_entry() {
-    let Ok(scenario) = std::env::var("ARBOR_C10D_PEER_SCENARIO") else {
-        return;
-    };
-    if let Err(error) = run_peer(&scenario) {
-        report(&format!("failed {error:#}"));
-        panic!("peer scenario {scenario} failed: {error:#}");
-    }
+    peer::entry("ARBOR_C10D_PEER_SCENARIO", run_peer);
 }
 
 fn run_peer(scenario: &str) -> Result<()> {
@@ -326,7 +238,7 @@ fn run_peer(scenario: &str) -> Result<()> {
 #[test]
 fn two_processes_average_tensors_and_gradients_exactly() -> Result<()> {
     let port = free_port();
-    let mut peer = Peer::spawn("average", 1, 2, port)?;
+    let mut peer = spawn_peer("average", 1, 2, port)?;
     let mut group = ProcessGroup::new(
         Backend::Gloo,
         &store_address(port),
@@ -346,7 +258,7 @@ fn two_processes_average_tensors_and_gradients_exactly() -> Result<()> {
 #[test]
 fn a_killed_peer_fails_the_collective_quickly() -> Result<()> {
     let port = free_port();
-    let mut peer = Peer::spawn("reduce_then_idle", 1, 2, port)?;
+    let mut peer = spawn_peer("reduce_then_idle", 1, 2, port)?;
     let mut group = ProcessGroup::new(
         Backend::Gloo,
         &store_address(port),
@@ -386,7 +298,7 @@ fn a_killed_peer_fails_the_collective_quickly() -> Result<()> {
 #[test]
 fn a_stalled_peer_times_the_collective_out() -> Result<()> {
     let port = free_port();
-    let peer = Peer::spawn("reduce_then_idle", 1, 2, port)?;
+    let peer = spawn_peer("reduce_then_idle", 1, 2, port)?;
     let mut group = ProcessGroup::new(
         Backend::Gloo,
         &store_address(port),
@@ -416,8 +328,8 @@ fn a_stalled_peer_times_the_collective_out() -> Result<()> {
 #[test]
 fn survivors_regroup_in_process_under_a_new_prefix() -> Result<()> {
     let port = free_port();
-    let mut survivor = Peer::spawn("survive_and_regroup", 1, 3, port)?;
-    let mut victim = Peer::spawn("reduce_then_idle", 2, 3, port)?;
+    let mut survivor = spawn_peer("survive_and_regroup", 1, 3, port)?;
+    let mut victim = spawn_peer("reduce_then_idle", 2, 3, port)?;
     let mut group = ProcessGroup::new(
         Backend::Gloo,
         &store_address(port),

@@ -16,15 +16,8 @@ use arbor_data::indexer::{index_dataset, IndexOptions, IndexOutcome};
 use arbor_data::item_id::item_id;
 use arbor_data::skip_reason::{skip_summary, SkipReason};
 use arbor_data::store::DatasetStore;
-use support::{assert_close, make_odd_corpus, pixel};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use arbor_testkit::{make_odd_corpus, runtime};
+use support::{assert_close, pixel};
 
 fn index(root: &Path, options: &IndexOptions) -> IndexOutcome {
     let store = DatasetStore::open(root.to_str().unwrap()).unwrap();

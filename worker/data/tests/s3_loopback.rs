@@ -3,107 +3,18 @@
 //! must equal the local-folder results exactly; a server that dies mid-job gives reported
 //! fetch failures, never a panic or a short batch.
 
-mod support;
-
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arbor_data::batch_loader::{BatchLoader, BatchRequest, LoadFailure, LoadItem, LoaderOptions};
 use arbor_data::indexer::{index_dataset, IndexOptions};
 use arbor_data::item_id::item_id;
 use arbor_data::store::DatasetStore;
+use arbor_testkit::moto::MotoServer;
+use arbor_testkit::{make_odd_corpus, runtime};
 use object_store::PutPayload;
-use support::{make_odd_corpus, venv_tool};
 
 const BUCKET: &str = "arbor-test";
-
-/// A moto server on a free loopback port, stopped on drop.
-struct MotoServer {
-    child: Child,
-    port: u16,
-}
-
-impl MotoServer {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(venv_tool("moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting moto_server");
-        let server = Self { child, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not listen on port {port} within 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        server
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Creates a bucket with a plain (unsigned) HTTP request, which moto accepts.
-    fn create_bucket(&self, bucket: &str) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(
-            stream,
-            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.port
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        assert!(
-            response.starts_with("HTTP/1.1 200"),
-            "create bucket: {response}"
-        );
-    }
-
-    fn options(&self) -> Vec<(String, String)> {
-        [
-            ("aws_endpoint", self.endpoint()),
-            ("aws_allow_http", "true".to_owned()),
-            ("aws_access_key_id", "testing".to_owned()),
-            ("aws_secret_access_key", "testing".to_owned()),
-            ("aws_region", "us-east-1".to_owned()),
-        ]
-        .into_iter()
-        .map(|(key, value)| (key.to_owned(), value))
-        .collect()
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for MotoServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 async fn upload_folder(store: &DatasetStore, folder: &Path) {
     let mut pending = vec![folder.to_path_buf()];

@@ -6,24 +6,17 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 
 use arbor_common::crop::{cover_geometry, crop_offset};
 use arbor_data::batch_loader::{decode_and_fit, jpeg_decode_scales, DEFAULT_MAX_PIXELS};
 use arbor_data::decode::{decode_rgb, decode_rgb_covering, DecodeError, DecodedImage};
 use arbor_data::fit::fit_rgb8;
-use support::{venv_tool, workspace_root};
+use arbor_testkit::make_corpus;
 
 const SEED: u64 = 42;
 
 fn make_scaled_corpus(out: &Path) {
-    let status = Command::new(venv_tool("python"))
-        .arg(workspace_root().join("bench/loader/make_corpus.py"))
-        .arg("scaled")
-        .arg(out)
-        .status()
-        .expect("running make_corpus.py");
-    assert!(status.success(), "make_corpus.py scaled failed: {status}");
+    make_corpus("scaled", out);
 }
 
 /// The reference: full-resolution decode by the `image` crate, then the same fit.

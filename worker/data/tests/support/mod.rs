@@ -1,45 +1,10 @@
-//! Shared helpers of arbor-data's integration tests: the committed corpus generator
-//! (bench/loader/make_corpus.py, run with the project's virtualenv) and pixel readers.
+//! Pixel readers shared by arbor-data's integration tests (the corpus generator and the
+//! virtualenv's tools are arbor-testkit's).
 
+// Each test binary of this folder uses a part of this module.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use arbor_data::batch_loader::Batch;
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The project's virtualenv (scripts/setup.sh makes it; `ARBOR_VENV` overrides its location).
-pub fn venv() -> PathBuf {
-    match std::env::var_os("ARBOR_VENV") {
-        Some(path) => PathBuf::from(path),
-        None => workspace_root().join(".venv"),
-    }
-}
-
-pub fn venv_tool(name: &str) -> PathBuf {
-    let tool = venv().join("bin").join(name);
-    assert!(
-        tool.exists(),
-        "{} is missing: run scripts/setup.sh (it installs scripts/requirements/data.txt)",
-        tool.display()
-    );
-    tool
-}
-
-/// Writes the odd-file corpus into `out`.
-pub fn make_odd_corpus(out: &Path) {
-    let status = Command::new(venv_tool("python"))
-        .arg(workspace_root().join("bench/loader/make_corpus.py"))
-        .arg("odd")
-        .arg(out)
-        .status()
-        .expect("running make_corpus.py");
-    assert!(status.success(), "make_corpus.py odd failed: {status}");
-}
 
 /// The RGB8 value of pixel (x, y) of slot `index`, read back from CHW f32 in [-1, 1].
 pub fn pixel(batch: &Batch, index: usize, x: u32, y: u32) -> [u8; 3] {

@@ -1,10 +1,8 @@
 //! DDPM schedule parity against diffusers' DDPMScheduler (goldens from make_fixtures.py).
 
-mod model_fixtures;
-
+use crate::model_fixtures::{assert_close, fixtures_dir, get, goldens, inputs};
 use arbor_worker::ddpm::{DdpmSchedule, PredictionType, SchedulerConfig};
 use arbor_worker::WorkerError;
-use model_fixtures::{assert_close, fixtures_dir, get, goldens, inputs};
 use tch::Tensor;
 
 #[test]

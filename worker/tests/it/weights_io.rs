@@ -2,21 +2,16 @@
 //! single-file loading with and without the CLIP `text_model.` prefix, diffusers export, and
 //! errors that name the tensor and both shapes.
 
-mod model_fixtures;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command as ProcessCommand;
 
+use crate::model_fixtures::{
+    assert_close, fixture_script, fixtures_dir, get, goldens, read_tensors,
+};
+use arbor_testkit::python_bin;
 use assert_cmd::Command;
-use model_fixtures::{assert_close, fixtures_dir, get, goldens, read_tensors};
 use tch::Tensor;
-
-fn python_bin() -> PathBuf {
-    std::env::var_os("ARBOR_PYTHON_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
-}
 
 fn worker() -> Command {
     Command::cargo_bin("arbor-worker").expect("binary")
@@ -141,7 +136,7 @@ const PYTHON_OUTPUTS: &[&str] = &[
 /// Runs a loading mode of the fixture script (diffusers/transformers) on the fixture inputs.
 fn python_component_outputs(dir: &Path, mode_args: &[&str]) -> HashMap<String, Tensor> {
     let out = dir.join("python_outputs.safetensors");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_fixtures.py");
+    let script = fixture_script("make_fixtures.py");
     let status = ProcessCommand::new(python_bin())
         .arg(script)
         .args(mode_args)

@@ -1,10 +1,8 @@
 //! AutoencoderKL parity against diffusers (goldens from make_fixtures.py).
 
-mod model_fixtures;
-
+use crate::model_fixtures::{assert_close, fixtures_dir, get, goldens, inputs};
 use arbor_worker::vae::{AutoencoderKL, AutoencoderKLConfig};
 use arbor_worker::WorkerError;
-use model_fixtures::{assert_close, fixtures_dir, get, goldens, inputs};
 use tch::{nn, Device, Kind, Tensor};
 
 fn load_vae() -> (nn::VarStore, AutoencoderKL) {
@@ -16,7 +14,8 @@ fn load_vae() -> (nn::VarStore, AutoencoderKL) {
     vs.load(vae_dir.join("diffusion_pytorch_model.safetensors"))
         .expect("every variable is in the diffusers state dict");
     let state_dict =
-        model_fixtures::read_tensors(&vae_dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+        crate::model_fixtures::read_tensors(&vae_dir.join("diffusion_pytorch_model.safetensors"))
+            .unwrap();
     assert_eq!(
         vs.variables().len(),
         state_dict.len(),

@@ -3,19 +3,16 @@
 //! of varied aspect ratios with tag captions, a job.toml, `arbor coordinator` and
 //! `arbor-worker train` children, and readers for the run directory (docs/architecture.md §7).
 
-#![allow(dead_code)]
-
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use arbor_testkit::job::{JobToml, LoopbackJob};
+use arbor_testkit::{fnv1a, free_port, python_bin, repo_root};
 use serde_json::Value;
-
-#[path = "../../../coordinator/tests/support/ledger_audit.rs"]
-mod ledger_audit;
 
 pub const TOKEN: &str = "e2e-token-0123456789abcdef";
 
@@ -23,19 +20,6 @@ pub const TOKEN: &str = "e2e-token-0123456789abcdef";
 pub fn one_job_at_a_time() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the worker crate lives in the repository")
-        .to_path_buf()
-}
-
-pub fn python_bin() -> PathBuf {
-    std::env::var_os("ARBOR_PYTHON_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv/bin/python"))
 }
 
 pub fn worker_bin() -> PathBuf {
@@ -53,12 +37,6 @@ pub fn arbor_bin() -> PathBuf {
         path.display()
     );
     path
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x100000001b3)
-    })
 }
 
 /// Facts about the tiny model the script prints (hypernetwork sizes and so on).
@@ -111,14 +89,6 @@ pub fn tiny_model() -> &'static TinyModel {
     MODEL.get_or_init(|| build_tiny_model().expect("building the tiny model"))
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Sizes of the generated images: about 1.2x the test buckets (max_area 64*64, min_dim 32,
 /// max_dim 128, step 32), so every one is downscaled and cropped, across 5 buckets.
 const IMAGE_SIZES: [(u32, u32); 6] = [
@@ -165,21 +135,25 @@ impl Default for JobSpec {
     }
 }
 
+/// A training job of `arbor coordinator` and `arbor-worker train` children; the folder, the
+/// children and the run-directory readers are [`LoopbackJob`]'s.
 pub struct Job {
-    pub dir: tempfile::TempDir,
-    pub grpc_port: u16,
-    pub coordinator: Option<Child>,
-    pub workers: Vec<Child>,
-    pub items: usize,
+    base: LoopbackJob,
     started_workers: u32,
 }
+
+arbor_testkit::loopback_job!(
+    Job,
+    poll: Duration::from_millis(20),
+    diagnostics: |job| job.logs()
+);
 
 impl Job {
     pub fn new(spec: &JobSpec) -> Self {
         let model = tiny_model();
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir_all(data.join("images")).unwrap();
+        let base = LoopbackJob::new(spec.items);
+        let dir = base.path();
+        let data = dir.join("data");
         let mut manifest = String::new();
         for index in 0..spec.items {
             let (width, height) = IMAGE_SIZES[index % IMAGE_SIZES.len()];
@@ -202,43 +176,33 @@ impl Job {
             ));
         }
         std::fs::write(data.join("manifest.jsonl"), manifest).unwrap();
-        let grpc_port = free_port();
-        let metrics_port = free_port();
         let sizes = model
             .hypernetwork_sizes
             .iter()
             .map(u32::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        let config = format!(
-            r#"[job]
-name = "e2e"
-run_dir = "run"
-seed = 11
-
-[data]
-manifest = "data/manifest.jsonl"
-
+        let cluster = JobToml {
+            name: "e2e",
+            seed: 11,
+            bsz: spec.bsz,
+            epochs: spec.epochs,
+            checkpoint_every: spec.checkpoint_every,
+            grpc_port: base.grpc_port,
+            metrics_port: base.metrics_port,
+            min_workers: spec.min_workers,
+            max_workers: spec.max_workers,
+            join_timeout_s: 120,
+            heartbeat_timeout_s: spec.heartbeat_timeout_s,
+        };
+        let more = format!(
+            r#"
 [buckets]
 max_area = 4096
 min_dim = 32
 max_dim = 128
 step = 32
 base_res = [64, 64]
-
-[schedule]
-bsz = {bsz}
-epochs = {epochs}
-checkpoint_every = {checkpoint_every}
-
-[cluster]
-listen = "127.0.0.1:{grpc_port}"
-metrics_listen = "127.0.0.1:{metrics_port}"
-min_workers = {min_workers}
-max_workers = {max_workers}
-join_timeout_s = 120
-heartbeat_interval_s = 0.25
-heartbeat_timeout_s = {heartbeat_timeout_s}
 
 [model]
 path = "{model}"
@@ -256,24 +220,14 @@ every = {samples_every}
 prompts = ["red, square", "blue, square"]
 steps = 2
 "#,
-            bsz = spec.bsz,
-            epochs = spec.epochs,
-            checkpoint_every = spec.checkpoint_every,
-            min_workers = spec.min_workers,
-            max_workers = spec.max_workers,
-            heartbeat_timeout_s = spec.heartbeat_timeout_s,
             model = model.dir.display(),
             mode = spec.mode,
             lr = spec.lr,
             samples_every = spec.samples_every,
         );
-        std::fs::write(dir.path().join("job.toml"), config).unwrap();
+        std::fs::write(dir.join("job.toml"), cluster.render(&more)).unwrap();
         Self {
-            dir,
-            grpc_port,
-            coordinator: None,
-            workers: Vec::new(),
-            items: spec.items,
+            base,
             started_workers: 0,
         }
     }
@@ -287,24 +241,8 @@ steps = 2
         (0..self.items).map(Self::item_id).collect()
     }
 
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    pub fn run_dir(&self) -> PathBuf {
-        self.path().join("run")
-    }
-
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.grpc_port)
-    }
-
-    fn log(&self, name: &str) -> std::fs::File {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path().join(format!("{name}.log")))
-            .unwrap()
     }
 
     pub fn start_coordinator(&mut self) {
@@ -350,12 +288,7 @@ steps = 2
     }
 
     pub fn worker_log(&self, number: u32) -> String {
-        std::fs::read_to_string(self.path().join(format!("worker-{number}.log")))
-            .unwrap_or_default()
-    }
-
-    pub fn coordinator_log(&self) -> String {
-        std::fs::read_to_string(self.path().join("coordinator.log")).unwrap_or_default()
+        self.read_log(&format!("worker-{number}"))
     }
 
     /// The coordinator's log, then the tail of every worker's.
@@ -385,16 +318,9 @@ steps = 2
 
     /// Waits for the coordinator to exit; panics with the logs when it takes too long.
     pub fn wait_coordinator(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let child = self.coordinator.as_mut().unwrap();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                panic!("coordinator still running after {limit:?}\n{}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        match self.try_wait_coordinator(limit) {
+            Some(status) => status,
+            None => panic!("coordinator still running after {limit:?}\n{}", self.logs()),
         }
     }
 
@@ -419,31 +345,12 @@ steps = 2
         statuses
     }
 
-    pub fn state(&self) -> Value {
-        let text = std::fs::read_to_string(self.run_dir().join("state.json")).unwrap_or_default();
-        serde_json::from_str(&text).unwrap_or(Value::Null)
-    }
-
-    pub fn ledger_lines(&self, epoch: u64) -> Vec<Value> {
-        let path = self
-            .run_dir()
-            .join("ledger")
-            .join(format!("epoch-{epoch}.jsonl"));
-        ledger_audit::parse_ledger(&std::fs::read_to_string(path).unwrap_or_default())
-    }
-
     /// How many batches of the epoch's ledger were rolled back.
     pub fn rolled_back(&self, epoch: u64) -> usize {
         self.ledger_lines(epoch)
             .iter()
             .filter(|line| line["rolled_back"].as_bool() == Some(true))
             .count()
-    }
-
-    /// Item ids of every batch that stands (not rolled back) in the epoch's ledger, with the
-    /// number of times each was trained.
-    pub fn trained_items(&self, epoch: u64) -> HashMap<u64, u32> {
-        ledger_audit::trained_items(&self.ledger_lines(epoch))
     }
 
     /// Every standing item of the epoch is a dataset item trained exactly once, and what is
@@ -508,49 +415,6 @@ steps = 2
         complete.sort_unstable();
         partial.sort_unstable();
         (complete, partial)
-    }
-
-    pub fn wait_until(
-        &self,
-        limit: Duration,
-        what: &str,
-        mut condition: impl FnMut(&Self) -> bool,
-    ) {
-        let deadline = Instant::now() + limit;
-        while !condition(self) {
-            if Instant::now() > deadline {
-                panic!("timed out waiting for {what}\n{}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn signal(pid: u32, signal: &str) {
-        let status = Command::new("kill")
-            .arg(signal)
-            .arg(pid.to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {signal} {pid}");
-    }
-
-    /// SIGKILLs the coordinator and every worker, and reaps them.
-    pub fn kill_all(&mut self) {
-        for child in self.workers.iter_mut().chain(self.coordinator.iter_mut()) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.workers.clear();
-        self.coordinator = None;
-    }
-}
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        for child in self.workers.iter_mut().chain(self.coordinator.iter_mut()) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 

@@ -2,13 +2,11 @@
 //! matches diffusers/transformers: forward outputs within atol 1e-4, gradients within rtol 1e-3
 //! of their tensor's max magnitude (floored; see GRAD_SCALE_FLOOR).
 
-mod model_fixtures;
-
-use assert_cmd::Command;
-use model_fixtures::{
+use crate::model_fixtures::{
     assert_close, fixtures_dir, get, goldens, max_abs_diff, read_tensors, GRAD_RTOL,
     GRAD_SCALE_FLOOR,
 };
+use assert_cmd::Command;
 
 #[test]
 fn probe_reproduces_every_golden() {

@@ -8,26 +8,22 @@
 //! The model is a tiny SD-topology UNet (frozen) with a trainable hypernetwork, through
 //! `DistributedStep`, `AdamW` and `Ema` as the trainer uses them.
 
-mod training_support;
-
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
+use crate::training_support::{
+    build_tiny_model, gradients, max_abs_diff, shallow_clones, snapshot, step_batch, TrainMode,
+};
 use anyhow::{bail, ensure, Context, Result};
 use arbor_c10d::{generation_prefix, Backend, ProcessGroup};
+use arbor_testkit::free_port;
+use arbor_testkit::peer::{self, report, Peer};
 use arbor_worker::train::adamw::{AdamW, AdamWConfig};
 use arbor_worker::train::checkpoint::{safetensors_bytes, tensors_from_safetensors};
 use arbor_worker::train::distributed_step::{DistributedStep, StepReport, StepSettings};
 use arbor_worker::train::ema::Ema;
 use tch::Tensor;
-use training_support::{
-    build_tiny_model, gradients, max_abs_diff, shallow_clones, snapshot, step_batch, TrainMode,
-};
 
-const PEER_LINE: &str = "ARBOR_PEER ";
 const GROUP_TIMEOUT: Duration = Duration::from_secs(60);
 const MODEL_SEED: i64 = 7;
 /// Samples per optimizer step, over all ranks and micro-batches.
@@ -38,11 +34,6 @@ const LEARNING_RATE: f64 = 1e-3;
 const MAX_GRAD_NORM: f64 = 0.05;
 /// Small buckets, so the hypernetwork's gradients go out in several all-reduces.
 const BUCKET_CAP_BYTES: usize = 64 * 1024;
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
-}
 
 fn store_address(port: u16) -> String {
     format!("127.0.0.1:{port}")
@@ -182,104 +173,24 @@ fn load_part(path: &Path, prefix: &str) -> Result<Vec<(String, Tensor)>> {
         .collect())
 }
 
-/// A child rank; killed on drop so a failing test leaves no process behind.
-struct Peer {
-    child: Child,
-    lines: Receiver<String>,
+/// Rank `rank` as a child process running `scenario`, writing its outcome to `output`.
+fn spawn_peer(scenario: &str, rank: usize, port: u16, output: &Path) -> Result<Peer> {
+    Peer::spawn(
+        &peer::test_name(module_path!(), "peer_entry"),
+        &[
+            ("ARBOR_DDP_PEER_SCENARIO", scenario.to_string()),
+            ("ARBOR_DDP_PEER_RANK", rank.to_string()),
+            ("ARBOR_DDP_PEER_PORT", port.to_string()),
+            ("ARBOR_DDP_PEER_OUTPUT", output.display().to_string()),
+        ],
+    )
 }
 
-impl Peer {
-    fn spawn(scenario: &str, rank: usize, port: u16, output: &Path) -> Result<Self> {
-        let executable = std::env::current_exe().context("current test executable")?;
-        let mut child = Command::new(executable)
-            .args(["peer_entry", "--exact", "--nocapture", "--test-threads=1"])
-            .env("ARBOR_DDP_PEER_SCENARIO", scenario)
-            .env("ARBOR_DDP_PEER_RANK", rank.to_string())
-            .env("ARBOR_DDP_PEER_PORT", port.to_string())
-            .env("ARBOR_DDP_PEER_OUTPUT", output)
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("spawn peer process")?;
-        let stdout = child.stdout.take().context("peer stdout")?;
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(start) = line.find(PEER_LINE) {
-                    if sender
-                        .send(line[start + PEER_LINE.len()..].to_string())
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
-        });
-        Ok(Self { child, lines })
-    }
-
-    fn expect_event(&self, wanted: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let event = self
-                .lines
-                .recv_timeout(left)
-                .with_context(|| format!("waiting {timeout:?} for peer event {wanted:?}"))?;
-            if event.starts_with(wanted) {
-                return Ok(event);
-            }
-            if event.starts_with("failed") {
-                bail!("peer reported {event:?} while we waited for {wanted:?}");
-            }
-        }
-    }
-
-    fn wait_success(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                ensure!(status.success(), "peer exited with {status}");
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "peer still running after {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) -> Result<()> {
-        self.child.kill().context("kill peer")?;
-        self.child.wait().context("reap peer")?;
-        Ok(())
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn report(event: &str) {
-    let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "{PEER_LINE}{event}");
-    let _ = stdout.flush();
-}
-
-/// The child side of every test (returns at once unless spawned as a peer).
+/// The child side of every test: not a test itself, run only as a peer (arbor-testkit's `peer`).
 #[test]
+#[ignore = "peer helper: the multi-process tests run it as their other rank"]
 fn peer_entry() {
-    let Ok(scenario) = std::env::var("ARBOR_DDP_PEER_SCENARIO") else {
-        return;
-    };
-    if let Err(error) = run_peer(&scenario) {
-        report(&format!("failed {error:#}"));
-        panic!("peer scenario {scenario} failed: {error:#}");
-    }
+    peer::entry("ARBOR_DDP_PEER_SCENARIO", run_peer);
 }
 
 fn run_peer(scenario: &str) -> Result<()> {
@@ -323,7 +234,7 @@ fn run_peer(scenario: &str) -> Result<()> {
 
 /// A rank's model, optimizer and step state after one optimizer step in the group.
 struct OneStep {
-    model: training_support::TinyModel,
+    model: crate::training_support::TinyModel,
     distributed: DistributedStep,
     optimizer: AdamW,
 }
@@ -415,7 +326,7 @@ fn two_gloo_ranks_match_one_rank_on_the_whole_batch() -> Result<()> {
     let port = free_port();
     let folder = tempfile::tempdir()?;
     let peer_output = folder.path().join("rank-1.safetensors");
-    let mut peer = Peer::spawn("train", 1, port, &peer_output)?;
+    let mut peer = spawn_peer("train", 1, port, &peer_output)?;
     let mut group = ProcessGroup::new(
         Backend::Gloo,
         &store_address(port),
@@ -444,7 +355,7 @@ fn two_gloo_ranks_match_one_rank_on_the_whole_batch() -> Result<()> {
             _ => &distributed.ema,
         };
         ensure!(
-            training_support::bitwise_equal(&rank_1, &snapshot(rank_0)),
+            crate::training_support::bitwise_equal(&rank_1, &snapshot(rank_0)),
             "rank 1's {part} tensors differ from rank 0's"
         );
     }
@@ -550,7 +461,7 @@ fn next_step_after_peer_failure(
 ) -> Result<(anyhow::Error, Duration, OneStep)> {
     let port = free_port();
     let folder = tempfile::tempdir()?;
-    let mut peer = Peer::spawn(scenario, 1, port, &folder.path().join("unused"))?;
+    let mut peer = spawn_peer(scenario, 1, port, &folder.path().join("unused"))?;
     let mut group = ProcessGroup::new(
         Backend::Gloo,
         &store_address(port),
@@ -599,7 +510,7 @@ fn next_step_after_peer_failure(
     };
     // The failed step changed nothing: no optimizer step, the weights as they were.
     ensure!(state.optimizer.step_count() == 1);
-    ensure!(training_support::bitwise_equal(
+    ensure!(crate::training_support::bitwise_equal(
         &snapshot(&state.model.trainable()),
         &before
     ));

@@ -2,14 +2,12 @@
 //! contribution to the shared modules' gradient is scaled by its weight a_l, and the optional
 //! L2 term is depth-weighted.
 
-mod hypernetwork_fixtures;
-
+use crate::hypernetwork_fixtures::{fixtures_dir, get, load_unet, max_abs_diff, read_tensors};
 use arbor_worker::attention::{AttentionLayerInfo, KvContextTransform, UNetBlockPosition};
 use arbor_worker::hypernetwork::module::HypernetworkStructure;
 use arbor_worker::hypernetwork::shallow_penalty::ShallowPenalty;
 use arbor_worker::hypernetwork::{Hypernetwork, HypernetworkInfo};
 use arbor_worker::unet_2d::UNet2DConditionModel;
-use hypernetwork_fixtures::{fixtures_dir, get, load_unet, max_abs_diff, read_tensors};
 use tch::{Device, Kind, Reduction, Tensor};
 
 /// libtorch's default generator is global and the tests of a binary run in parallel threads: the

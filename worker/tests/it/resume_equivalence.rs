@@ -4,8 +4,10 @@
 //! AdamW moments and EMA — with fixed per-step noise and timesteps and gradient accumulation.
 //! A resume that forgets the optimizer state is shown to end elsewhere, so the check bites.
 
-mod training_support;
-
+use crate::training_support::{
+    bitwise_equal, build_tiny_model, max_abs_diff, shallow_clones, snapshot, step_batch, TinyModel,
+    TrainMode,
+};
 use anyhow::{ensure, Context, Result};
 use arbor_worker::train::adamw::{AdamW, AdamWConfig};
 use arbor_worker::train::checkpoint::{
@@ -17,10 +19,6 @@ use arbor_worker::train::distributed_step::{DistributedStep, StepSettings};
 use arbor_worker::train::ema::Ema;
 use arbor_worker::train::run_dir::RunDir;
 use tch::Tensor;
-use training_support::{
-    bitwise_equal, build_tiny_model, max_abs_diff, shallow_clones, snapshot, step_batch, TinyModel,
-    TrainMode,
-};
 
 const MODEL_SEED: i64 = 11;
 const HALF: u64 = 3;

@@ -2,8 +2,6 @@
 //! weights from a fixed seed), optionally frozen under a hypernetwork, fixed per-step batches
 //! drawn from a counter-based stream (not libtorch's global generator), and tensor comparisons.
 
-#![allow(dead_code)]
-
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -67,7 +65,6 @@ impl TrainMode {
 }
 
 pub struct TinyModel {
-    pub mode: TrainMode,
     pub unet_vars: nn::VarStore,
     pub unet: UNet2DConditionModel,
     pub hypernetwork: Option<Hypernetwork>,
@@ -110,7 +107,6 @@ pub fn build_tiny_model(mode: TrainMode, seed: i64) -> TinyModel {
         }
     };
     TinyModel {
-        mode,
         unet_vars,
         unet,
         hypernetwork,

@@ -2,8 +2,6 @@
 //! runtime's calls (start, train_batch, checkpoint, finish) made directly on a tiny SD-topology
 //! model (worker/tests/fixtures/make_fixtures.py) and a few generated images.
 
-mod model_fixtures;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -65,7 +63,7 @@ fn fixture() -> Fixture {
 }
 
 fn config(fixture: &Fixture, mode: &str, extra: &str) -> JobConfig {
-    let model = model_fixtures::fixtures_dir().join("model");
+    let model = crate::model_fixtures::fixtures_dir().join("model");
     let text = format!(
         r#"
 [job]
@@ -520,8 +518,8 @@ fn tensorboard_logs_read_back_with_tensorboard_and_match_metrics_jsonl_across_a_
         metrics.iter().map(|record| record.step).collect::<Vec<_>>(),
         [1, 2, 3]
     );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/check_tensorboard.py");
-    let output = std::process::Command::new(model_fixtures::python_bin())
+    let script = crate::model_fixtures::fixture_script("check_tensorboard.py");
+    let output = std::process::Command::new(arbor_testkit::python_bin())
         .arg(&script)
         .arg(&fixture.run_dir)
         .output()

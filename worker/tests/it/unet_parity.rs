@@ -1,11 +1,9 @@
 //! UNet2DConditionModel forward parity against diffusers (goldens from make_fixtures.py).
 
-mod model_fixtures;
-
+use crate::model_fixtures::{assert_close, fixtures_dir, get, goldens, inputs};
 use arbor_worker::attention::{AttentionLayerInfo, KvContextTransform, UNetBlockPosition};
 use arbor_worker::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use arbor_worker::WorkerError;
-use model_fixtures::{assert_close, fixtures_dir, get, goldens, inputs};
 use tch::{nn, Device, Tensor};
 
 fn load_unet() -> (nn::VarStore, UNet2DConditionModel) {
@@ -22,7 +20,7 @@ fn load_unet() -> (nn::VarStore, UNet2DConditionModel) {
 #[test]
 fn unet_forward_matches_diffusers() {
     let (vs, unet) = load_unet();
-    let state_dict = model_fixtures::read_tensors(
+    let state_dict = crate::model_fixtures::read_tensors(
         &fixtures_dir().join("model/unet/diffusion_pytorch_model.safetensors"),
     )
     .unwrap();

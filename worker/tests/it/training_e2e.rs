@@ -7,12 +7,13 @@
 //! Needs the `arbor` binary beside `arbor-worker` (`cargo build -p arbor-coordinator` with the
 //! same target folder) and the project's venv (scripts/setup.sh; ARBOR_PYTHON_BIN).
 
-mod e2e_support;
-
 use std::path::Path;
 use std::time::Duration;
 
-use e2e_support::{check_exports, one_job_at_a_time, tiny_model, worker_bin, Job, JobSpec, TOKEN};
+use crate::e2e_support::{
+    check_exports, one_job_at_a_time, tiny_model, worker_bin, Job, JobSpec, TOKEN,
+};
+use arbor_testkit::process::signal;
 use serde_json::Value;
 
 const JOB_LIMIT: Duration = Duration::from_secs(240);
@@ -231,7 +232,7 @@ fn kill_a_worker_mid_epoch_and_resume(survivor_flags: &[&str]) -> Job {
     job.start_worker_with(0, survivor_flags);
     job.start_worker(1);
     wait_past_a_checkpoint(&job);
-    Job::signal(job.workers[1].id(), "-KILL");
+    signal(job.workers[1].id(), "-KILL");
     std::thread::sleep(Duration::from_millis(200));
     // No checkpoint completes without the killed rank: this is the one to resume from.
     let state_at_kill = job.state();

@@ -1,12 +1,10 @@
 //! A sample's UNet output and loss gradient must not depend on the other samples of its batch:
 //! data parallelism and gradient accumulation split batches and rely on it.
 
-mod training_support;
-
+use crate::training_support::{build_tiny_model, gradients, max_abs_diff, step_batch, TrainMode};
 use anyhow::Result;
 use arbor_worker::attention::KvContextTransform;
 use tch::Kind;
-use training_support::{build_tiny_model, gradients, max_abs_diff, step_batch, TrainMode};
 
 fn max_abs(tensor: &tch::Tensor) -> f64 {
     tensor.abs().max().to_kind(Kind::Double).double_value(&[])

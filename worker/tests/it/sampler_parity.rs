@@ -1,13 +1,11 @@
 //! DDIM and Euler sampling with classifier-free guidance against diffusers' schedulers driving
 //! the same UNet (goldens from make_sampler_fixtures.py).
 
-mod model_fixtures;
-
+use crate::model_fixtures::{assert_close, fixtures_dir, get, sampler_goldens};
 use arbor_worker::ddpm::{DdpmSchedule, SchedulerConfig};
 use arbor_worker::diffusion_samplers::{sample, GuidedPrompt, Sampler, SamplerKind};
 use arbor_worker::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use arbor_worker::WorkerError;
-use model_fixtures::{assert_close, fixtures_dir, get, sampler_goldens};
 use tch::{nn, Device, Tensor};
 
 fn load() -> (nn::VarStore, UNet2DConditionModel, DdpmSchedule) {

@@ -2,41 +2,29 @@
 //! fixture-script version with `worker/tests/fixtures/make_fixtures.py` (diffusers from the
 //! project's virtualenv, offline) and reads its tensors.
 
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
+use arbor_testkit::{fnv1a, python_bin};
 use tch::Tensor;
 
-fn repo_root() -> PathBuf {
+/// A script of `worker/tests/fixtures`.
+pub fn fixture_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the worker crate lives in the repository")
-        .to_path_buf()
+        .join("tests/fixtures")
+        .join(name)
 }
 
-/// The project's Python (`ARBOR_PYTHON_BIN`, else the venv's).
-pub fn python_bin() -> PathBuf {
-    std::env::var_os("ARBOR_PYTHON_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv/bin/python"))
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x100000001b3)
-    })
-}
-
-fn build_fixtures() -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_fixtures.py");
+/// Runs fixture script `name` with `args` and a new folder, once per script version: the folder
+/// is `<CARGO_TARGET_TMPDIR>/<cache>/<version>`, made complete (a `COMPLETE` file) or not at all.
+pub fn script_fixtures(name: &str, args: &[&str], cache: &str) -> Result<PathBuf> {
+    let script = fixture_script(name);
     let script_bytes = std::fs::read(&script).with_context(|| format!("reading {script:?}"))?;
     let version = format!("{:016x}", fnv1a(&script_bytes));
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("model-parity-fixtures");
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(cache);
     let dir = base.join(&version);
     if dir.join("COMPLETE").exists() {
         return Ok(dir);
@@ -46,7 +34,7 @@ fn build_fixtures() -> Result<PathBuf> {
     std::fs::create_dir_all(&base)?;
     let status = Command::new(python_bin())
         .arg(&script)
-        .arg("make")
+        .args(args)
         .arg(&staging)
         .env("HF_HUB_OFFLINE", "1")
         .status()
@@ -65,12 +53,14 @@ fn build_fixtures() -> Result<PathBuf> {
 /// The fixture directory (model/, inputs.safetensors, goldens.safetensors, errors.json).
 pub fn fixtures_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| build_fixtures().expect("building the parity fixtures"))
+    DIR.get_or_init(|| {
+        script_fixtures("make_fixtures.py", &["make"], "model-parity-fixtures")
+            .expect("building the parity fixtures")
+    })
 }
 
 fn build_sampler_goldens() -> Result<PathBuf> {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_sampler_fixtures.py");
+    let script = fixture_script("make_sampler_fixtures.py");
     let script_bytes = std::fs::read(&script).with_context(|| format!("reading {script:?}"))?;
     let dir = fixtures_dir();
     let out = dir.join(format!(

@@ -1,11 +1,9 @@
 //! `arbor-worker probe --hypernetwork FILE`: the `hn.*` outputs against the Python reference.
 
-mod hypernetwork_fixtures;
-
-use assert_cmd::Command;
-use hypernetwork_fixtures::{
+use crate::hypernetwork_fixtures::{
     fixtures_dir, get, max_abs_diff, read_tensors, FORWARD_ATOL, GRAD_RTOL, GRAD_SCALE_FLOOR,
 };
+use assert_cmd::Command;
 use tch::Tensor;
 
 const INPUTS: [&str; 4] = [

@@ -1,14 +1,12 @@
 //! The CLIP text encoder matches transformers' CLIPTextModel: last_hidden_state (clip skip 1),
 //! the penultimate layer with final_layer_norm (clip skip 2), and chunked long prompts.
 
-mod model_fixtures;
-
+use crate::model_fixtures::{assert_close, fixtures_dir, get, goldens, inputs};
 use arbor_worker::clip::ClipTextModel;
 use arbor_worker::model_components::ModelComponents;
 use arbor_worker::prompt::{PromptFraming, PromptLayout};
 use arbor_worker::tokenizer::ClipTokenizer;
 use arbor_worker::weights::Component;
-use model_fixtures::{assert_close, fixtures_dir, get, goldens, inputs};
 use tch::{nn, Device, Tensor};
 
 fn text_encoder() -> (nn::VarStore, ClipTextModel) {
@@ -44,7 +42,7 @@ fn clip_skip_1_and_2_match_transformers() {
     let skip1 = tch::no_grad(|| clip.encode(ids, 1).unwrap());
     let skip2 = tch::no_grad(|| clip.encode(ids, 2).unwrap());
     assert!(
-        model_fixtures::max_abs_diff(&skip1, &skip2, "skip") > 1e-2,
+        crate::model_fixtures::max_abs_diff(&skip1, &skip2, "skip") > 1e-2,
         "clip skip changes the output"
     );
 }
@@ -128,7 +126,7 @@ fn clip_without_text_model_prefix_loads_the_same() {
 
 #[test]
 fn kohya_layout_matches_sd_scripts() {
-    let kohya = model_fixtures::read_tensors(&fixtures_dir().join("kohya.safetensors"))
+    let kohya = crate::model_fixtures::read_tensors(&fixtures_dir().join("kohya.safetensors"))
         .expect("kohya goldens");
     let golden_ids = get(&kohya, "kohya.input_ids");
     assert_eq!(golden_ids.size(), [2, 231]);

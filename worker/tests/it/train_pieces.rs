@@ -7,10 +7,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
-use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
@@ -26,72 +24,26 @@ use arbor_worker::train::phase_clock::PhaseSeconds;
 use arbor_worker::train::run_dir::RunDir;
 use arbor_worker::train::sample_grid::images_to_grid_png;
 
+use crate::model_fixtures::{get, read_tensors, script_fixtures};
+
 // ---------------------------------------------------------------------------------------------
 // Fixtures
 
-fn python_bin() -> PathBuf {
-    std::env::var_os("ARBOR_PYTHON_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x100000001b3)
+fn fixtures_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        script_fixtures("make_train_fixtures.py", &[], "train-pieces-fixtures")
+            .expect("building the training-piece fixtures")
     })
 }
 
-fn build_fixtures() -> Result<PathBuf> {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_train_fixtures.py");
-    let script_bytes = std::fs::read(&script).with_context(|| format!("reading {script:?}"))?;
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-pieces-fixtures");
-    let dir = base.join(format!("{:016x}", fnv1a(&script_bytes)));
-    if dir.join("COMPLETE").exists() {
-        return Ok(dir);
-    }
-    let staging = base.join(format!("staging-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&base)?;
-    let status = Command::new(python_bin())
-        .arg(&script)
-        .arg(&staging)
-        .env("HF_HUB_OFFLINE", "1")
-        .status()
-        .with_context(|| format!("running {script:?} with {:?}", python_bin()))?;
-    if !status.success() {
-        bail!("fixture script {script:?} failed with {status}");
-    }
-    std::fs::write(staging.join("COMPLETE"), b"")?;
-    if std::fs::rename(&staging, &dir).is_err() && !dir.join("COMPLETE").exists() {
-        bail!("could not move fixtures into {dir:?}");
-    }
-    let _ = std::fs::remove_dir_all(&staging);
-    Ok(dir)
-}
-
-fn fixtures_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| build_fixtures().expect("building the training-piece fixtures"))
-}
-
 fn tensors(name: &str) -> HashMap<String, Tensor> {
-    let path = fixtures_dir().join(name);
-    Tensor::read_safetensors(&path)
-        .unwrap_or_else(|error| panic!("reading {path:?}: {error}"))
-        .into_iter()
-        .collect()
+    read_tensors(&fixtures_dir().join(name)).unwrap_or_else(|error| panic!("{error:#}"))
 }
 
 fn json(name: &str) -> Value {
     let path = fixtures_dir().join(name);
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
-}
-
-fn get<'a>(tensors: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
-    tensors
-        .get(key)
-        .unwrap_or_else(|| panic!("fixture tensor `{key}` is missing"))
 }
 
 /// max|actual − expected| / max(max|expected|, 1e-12).

@@ -3,11 +3,10 @@
 //! outputs; the zip holds only the allowed entries, stored; `torch.save` files import and
 //! round-trip; foreign pickles are refused.
 
-mod hypernetwork_fixtures;
-
 use std::collections::BTreeMap;
 use std::io::Read;
 
+use crate::hypernetwork_fixtures::{fixtures_dir, max_abs_diff, python_check_pt, CASES};
 use arbor_worker::attention::{AttentionLayerInfo, KvContextTransform, UNetBlockPosition};
 use arbor_worker::hypernetwork::module::{
     HypernetworkActivation, HypernetworkStructure, HypernetworkWeightInit,
@@ -17,7 +16,6 @@ use arbor_worker::hypernetwork::pt_writer::PtDtype;
 use arbor_worker::hypernetwork::restricted_pickle::read_pickle;
 use arbor_worker::hypernetwork::{Hypernetwork, HypernetworkChain, HypernetworkInfo};
 use arbor_worker::WorkerError;
-use hypernetwork_fixtures::{fixtures_dir, max_abs_diff, python_check_pt, CASES};
 use tch::{Device, Kind, Tensor};
 
 fn layer(context_dim: i64, resolution_level: usize) -> AttentionLayerInfo {

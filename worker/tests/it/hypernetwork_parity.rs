@@ -3,14 +3,12 @@
 //! gradient of every module parameter, for hypernetworks read from `.pt` files written by
 //! `torch.save` (torch 2.13: with `byteorder`, `.format_version` and `.data/serialization_id`).
 
-mod hypernetwork_fixtures;
-
-use arbor_worker::hypernetwork::module::{HypernetworkModule, HypernetworkStructure};
-use arbor_worker::hypernetwork::Hypernetwork;
-use hypernetwork_fixtures::{
+use crate::hypernetwork_fixtures::{
     fixtures_dir, get, load_unet, max_abs_diff, read_tensors, ACTIVATIONS, CASES, FORWARD_ATOL,
     GRAD_RTOL, GRAD_SCALE_FLOOR,
 };
+use arbor_worker::hypernetwork::module::{HypernetworkModule, HypernetworkStructure};
+use arbor_worker::hypernetwork::Hypernetwork;
 use tch::{nn, Device, Reduction};
 
 #[test]

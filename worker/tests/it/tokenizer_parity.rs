@@ -1,14 +1,12 @@
 //! Token ids equal transformers' CLIPTokenizer (goldens from make_fixtures.py), from both
 //! tokenizer file layouts, and `arbor-worker tokenize` prints them with the long-prompt framing.
 
-mod model_fixtures;
-
 use std::path::Path;
 
+use crate::model_fixtures::fixtures_dir;
 use arbor_worker::prompt::{PromptFraming, DEFAULT_MAX_CHUNKS};
 use arbor_worker::tokenizer::ClipTokenizer;
 use assert_cmd::Command;
-use model_fixtures::fixtures_dir;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]

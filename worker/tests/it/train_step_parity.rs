@@ -1,15 +1,13 @@
 //! Training-step parity against diffusers + PyTorch autograd: noised latents, the
 //! epsilon-prediction MSE loss and the gradient of every UNet parameter.
 
-mod model_fixtures;
-
+use crate::model_fixtures::{
+    assert_close, fixtures_dir, get, goldens, inputs, max_abs_diff, GRAD_RTOL, GRAD_SCALE_FLOOR,
+};
 use arbor_worker::ddpm::DdpmSchedule;
 use arbor_worker::train::train_step::{adamw, loss_and_gradients, optimizer_step, DiffusionBatch};
 use arbor_worker::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use arbor_worker::WorkerError;
-use model_fixtures::{
-    assert_close, fixtures_dir, get, goldens, inputs, max_abs_diff, GRAD_RTOL, GRAD_SCALE_FLOOR,
-};
 use tch::{nn, Device, Tensor};
 
 fn load_unet() -> (nn::VarStore, UNet2DConditionModel) {
