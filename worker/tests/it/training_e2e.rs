@@ -233,8 +233,15 @@ fn kill_a_worker_mid_epoch_and_resume(survivor_flags: &[&str]) -> Job {
     job.start_worker(1);
     wait_past_a_checkpoint(&job);
     signal(job.workers[1].id(), "-KILL");
-    std::thread::sleep(Duration::from_millis(200));
-    // No checkpoint completes without the killed rank: this is the one to resume from.
+    // The killed rank may have reported a checkpoint just before it died, and the survivor's
+    // report can complete it after the kill. Once the regroup has begun no checkpoint can
+    // complete (CheckpointDone needs a running group): the state then holds the one to resume
+    // from.
+    job.wait_until(
+        Duration::from_secs(60),
+        "the regroup after the kill",
+        |job| job.coordinator_log().contains("regroup: "),
+    );
     let state_at_kill = job.state();
     let resume_batch = expected_resume_batch(&state_at_kill);
     let epoch_at_kill = state_at_kill["epoch"].as_u64().unwrap();
