@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use arbor_proto::v1::{HeartbeatRequest, JoinRequest, ShardRequest, StatusRequest};
 use arbor_testkit::process::{signal, wait_exit};
 use arbor_testkit::runtime;
-use support::{assert_nothing_twice_nothing_lost, Job, JobSpec, TOKEN};
+use support::{assert_nothing_twice_nothing_lost, client_when_up, Job, JobSpec, TOKEN};
 
 fn assert_exactly_once(job: &Job, epoch: u64, global_batch: usize) {
     let trained = job.trained_items(epoch);
@@ -231,17 +231,6 @@ fn a_restarted_coordinator_resumes_the_job_with_the_ledger_intact() {
     }
 }
 
-/// A client of the job's coordinator, once it answers.
-async fn client_when_up(address: &str) -> arbor_runtime::client::Client {
-    let mut client = arbor_runtime::client::connect(address, TOKEN, None).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.status(StatusRequest {}).await.is_err() {
-        assert!(Instant::now() < deadline, "coordinator did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    client
-}
-
 #[test]
 fn bad_requests_are_refused_with_a_reason_and_the_server_keeps_serving() {
     let spec = JobSpec {
@@ -377,6 +366,14 @@ fn bad_requests_are_refused_with_a_reason_and_the_server_keeps_serving() {
 }
 
 /// A minimal HTTP GET of /metrics over a plain socket.
+/// Fails unless the coordinator's metrics hold every one of `lines`.
+fn assert_metrics_contain(port: u16, lines: &[&str]) {
+    let metrics = reqwest_metrics(port);
+    for line in lines {
+        assert!(metrics.contains(line), "no `{line}` in:\n{metrics}");
+    }
+}
+
 fn reqwest_metrics(port: u16) -> String {
     use std::io::Read;
     let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -985,14 +982,14 @@ fn heartbeats_report_the_learning_rate_and_prompt_lengths_to_status_and_metrics(
         assert_eq!(worker.learning_rate, 2.5e-4);
         assert_eq!(worker.token_length_counts, [5, 1, 1, 1]);
     });
-    let metrics = reqwest_metrics(job.metrics_port);
-    for line in [
-        "arbor_learning_rate 0.00025",
-        "arbor_prompts_total{tokens=\"up_to_75\"} 5",
-        "arbor_prompts_total{tokens=\"over_225\"} 1",
-    ] {
-        assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
-    }
+    assert_metrics_contain(
+        job.metrics_port,
+        &[
+            "arbor_learning_rate 0.00025",
+            "arbor_prompts_total{tokens=\"up_to_75\"} 5",
+            "arbor_prompts_total{tokens=\"over_225\"} 1",
+        ],
+    );
 }
 
 #[test]
@@ -1091,14 +1088,14 @@ fn lying_requests_are_refused_by_field_counted_by_reason_and_a_persistent_liar_i
             status.recent_events
         );
     });
-    let metrics = reqwest_metrics(job.metrics_port);
-    for line in [
-        "arbor_refused_requests_total{reason=\"malformed\"} 4",
-        "arbor_refused_requests_total{reason=\"out_of_range\"} 2",
-        "arbor_refused_requests_total{reason=\"worker_dropped\"} 1",
-    ] {
-        assert!(metrics.contains(line), "no `{line}` in:\n{metrics}");
-    }
+    assert_metrics_contain(
+        job.metrics_port,
+        &[
+            "arbor_refused_requests_total{reason=\"malformed\"} 4",
+            "arbor_refused_requests_total{reason=\"out_of_range\"} 2",
+            "arbor_refused_requests_total{reason=\"worker_dropped\"} 1",
+        ],
+    );
 }
 
 #[test]

@@ -12,7 +12,7 @@ use arbor_proto::v1::{
     CheckpointDoneRequest, CompletedBatch, HeartbeatRequest, JoinRequest, RequestCheckpointRequest,
     ShardRequest, StatusRequest,
 };
-use support::{Job, JobSpec, TOKEN};
+use support::{client_when_up, Job, JobSpec};
 use tonic::Code;
 
 type Client = arbor_runtime::client::Client;
@@ -36,16 +36,6 @@ fn join(worker_id: &str, host: &str, port: u32) -> JoinRequest {
         advertise_host: host.into(),
         store_port: port,
     }
-}
-
-async fn client_when_up(address: &str) -> Client {
-    let mut client = arbor_runtime::client::connect(address, TOKEN, None).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.status(StatusRequest {}).await.is_err() {
-        assert!(Instant::now() < deadline, "coordinator did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    client
 }
 
 /// One hostile request, built for the member (`worker_id`, `generation`, rank 0) it claims to

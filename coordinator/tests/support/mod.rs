@@ -14,6 +14,24 @@ pub const TOKEN: &str = "test-token-0123456789";
 
 /// A CA and a server certificate for 127.0.0.1 and localhost signed by it, as PEM files
 /// `ca.pem`, `server.pem` and `server.key` in `folder`.
+/// A client of the job's coordinator (with the job token), once it answers.
+pub async fn client_when_up(address: &str) -> arbor_runtime::client::Client {
+    let mut client = arbor_runtime::client::connect(address, TOKEN, None).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while client
+        .status(arbor_proto::v1::StatusRequest {})
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "coordinator did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client
+}
+
 pub fn write_tls_files(folder: &Path) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     std::fs::create_dir_all(folder).unwrap();

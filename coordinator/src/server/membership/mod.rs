@@ -121,13 +121,9 @@ impl Membership {
         state: JobState,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
-        state_check::check_state(&state, &config).with_context(|| {
-            format!(
-                "{}/{} does not fit the job",
-                run_store.location(),
-                JobState::KEY
-            )
-        })?;
+        let location = run_store.location();
+        let misfit = || format!("{location}/{} does not fit the job", JobState::KEY);
+        state_check::check_state(&state, &config).with_context(misfit)?;
         let ledger = EpochLedger::open(run_store.clone(), state.epoch)?;
         ledger.check_generations(state.generation)?;
         let now = clock.now();
@@ -162,19 +158,12 @@ impl Membership {
         if !membership.state.segments.is_empty() && !membership.state.finished {
             let plan = membership.rebuild_plan().with_context(|| {
                 format!(
-                    "{}/{}: segments do not rebuild a plan of this dataset",
-                    membership.run_store.location(),
+                    "{location}/{}: segments do not rebuild a plan of this dataset",
                     JobState::KEY
                 )
             })?;
             state_check::check_segments_fit(&membership.state, plan.batches_per_rank())
-                .with_context(|| {
-                    format!(
-                        "{}/{} does not fit the job",
-                        membership.run_store.location(),
-                        JobState::KEY
-                    )
-                })?;
+                .with_context(misfit)?;
         }
         membership.event(format!(
             "coordinator started at epoch {} generation {}",
@@ -190,6 +179,11 @@ impl Membership {
 
     fn current_segment(&self) -> u64 {
         self.state.segments.last().map_or(0, |s| s.segment)
+    }
+
+    /// Whether (`epoch`, `segment`) names the plan the job trains now.
+    fn is_current_plan(&self, epoch: u64, segment: u64) -> bool {
+        epoch == self.state.epoch && segment == self.current_segment()
     }
 
     fn persist(&self) -> anyhow::Result<()> {
@@ -352,9 +346,7 @@ impl Membership {
                 ),
             ));
         }
-        let same_plan =
-            heartbeat.epoch == self.state.epoch && heartbeat.segment == self.current_segment();
-        if !same_plan {
+        if !self.is_current_plan(heartbeat.epoch, heartbeat.segment) {
             return Ok(Vec::new());
         }
         let Some(plan) = self.plan.clone() else {
@@ -451,9 +443,7 @@ impl Membership {
         if self.phase == Phase::Forming {
             return Ok(reply(Command::Regroup, "the group is re-forming"));
         }
-        let same_plan =
-            heartbeat.epoch == self.state.epoch && heartbeat.segment == self.current_segment();
-        if same_plan {
+        if self.is_current_plan(heartbeat.epoch, heartbeat.segment) {
             if let Some(command) =
                 self.requested_checkpoint_command(member.rank, heartbeat.batches_done)
             {
@@ -473,8 +463,7 @@ impl Membership {
         lines: &[LedgerLine],
     ) -> Result<(), MembershipError> {
         let member = &heartbeat.member;
-        let of_current_plan =
-            heartbeat.epoch == self.state.epoch && heartbeat.segment == self.current_segment();
+        let of_current_plan = self.is_current_plan(heartbeat.epoch, heartbeat.segment);
         let Some(entry) = self.workers.get_mut(&member.worker_id) else {
             return Err(MembershipError::UnknownWorker(member.worker_id.clone()));
         };

@@ -71,7 +71,7 @@ impl WorkerEntry {
         &mut self,
         heartbeat: &WorkerHeartbeat,
         of_current_plan: bool,
-    ) -> [u64; 4] {
+    ) -> [u64; TOKEN_LENGTH_BINS.len()] {
         if of_current_plan {
             self.batches_done = heartbeat.batches_done;
         }
@@ -81,7 +81,7 @@ impl WorkerEntry {
         }
         self.items_per_second = heartbeat.items_per_second;
         self.learning_rate = heartbeat.learning_rate;
-        let mut added = [0u64; 4];
+        let mut added = [0u64; TOKEN_LENGTH_BINS.len()];
         for ((total, &count), added) in self
             .token_length_counts
             .iter_mut()
