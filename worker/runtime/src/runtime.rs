@@ -708,9 +708,12 @@ impl GroupRun<'_> {
                     Err(status) if status.code() == tonic::Code::OutOfRange => {
                         return Ok(Some(GroupEnd::Finished))
                     }
+                    // Unavailable also answers a report that came ahead of the heartbeat
+                    // carrying its last batches (the background heartbeat may hold them).
                     Err(status) if is_transient(&status) && attempts < 50 => {
                         attempts += 1;
                         tokio::time::sleep(Duration::from_millis(200)).await;
+                        send_heartbeat(client, worker_id, progress).await;
                     }
                     Err(status) => {
                         return Err(RuntimeError::Rpc {

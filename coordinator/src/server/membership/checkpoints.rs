@@ -286,7 +286,8 @@ impl Membership {
     }
 
     /// A report must be for the current plan, at a batch this generation can have reached,
-    /// with a step count that batches can explain.
+    /// with a step count that batches can explain, and with every batch it covers already in
+    /// the ledger.
     fn check_checkpoint_report(
         &self,
         report: &CheckpointReport,
@@ -330,6 +331,18 @@ impl Membership {
                     report.step, self.state.step, self.state.step, self.resume_batch
                 ),
             ));
+        }
+        // Every batch the checkpoint covers must stand in the ledger first: a checkpoint that
+        // completed ahead of them would resume past batches nobody recorded.
+        let member = &report.member;
+        if let Some(missing) = (self.resume_batch..report.batch)
+            .find(|&batch| !self.ledger.contains(member.generation, member.rank, batch))
+        {
+            return Err(MembershipError::LedgerBehind {
+                rank: member.rank,
+                batch: report.batch,
+                missing,
+            });
         }
         Ok(plan)
     }

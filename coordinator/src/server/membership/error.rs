@@ -40,6 +40,10 @@ pub enum MembershipError {
     NotRunning(&'static str),
     #[error("no plan yet")]
     NoPlan,
+    /// A checkpoint reported before the ledger holds every batch it covers (the heartbeat that
+    /// carries them is still on its way): the worker sends it again.
+    #[error("checkpoint_done.batch: checkpoint at batch {batch} but batch {missing} of rank {rank} is not in the ledger yet")]
+    LedgerBehind { rank: u32, batch: u64, missing: u64 },
     #[error("{0}")]
     Internal(String),
 }
@@ -82,7 +86,7 @@ impl MembershipError {
             Self::Malformed { .. } | Self::LedgerMismatch { .. } => RefusalCode::InvalidArgument,
             Self::UnknownWorker(_) | Self::NoLongerRegistered(_) => RefusalCode::NotFound,
             Self::WrongRank { .. } => RefusalCode::PermissionDenied,
-            Self::NoPlan => RefusalCode::Unavailable,
+            Self::NoPlan | Self::LedgerBehind { .. } => RefusalCode::Unavailable,
             Self::Internal(_) => RefusalCode::Internal,
         }
     }
@@ -103,6 +107,7 @@ impl MembershipError {
             | Self::NoLongerRegistered(_)
             | Self::NotRunning(_)
             | Self::NoPlan
+            | Self::LedgerBehind { .. }
             | Self::Internal(_) => None,
         }
     }

@@ -398,6 +398,49 @@ fn a_missed_checkpoint_request_is_asked_again_further_ahead_then_dropped() {
 }
 
 #[test]
+fn a_checkpoint_waits_for_the_ledger_to_hold_every_batch_it_covers() {
+    let mut harness = Harness::running();
+    harness.trained("w0", 0, 0, 4);
+    // Rank 1's heartbeat with batches 2 and 3 is still on its way when it reports batch 4.
+    harness.trained("w1", 1, 0, 2);
+    assert!(!harness.checkpoint("w0", 0, 4, 4));
+    let report = CheckpointReport::try_from(CheckpointDoneRequest {
+        worker_id: "w1".into(),
+        generation: harness.generation(),
+        rank: 1,
+        epoch: 0,
+        segment: 0,
+        batch: 4,
+        step: 4,
+    })
+    .unwrap();
+    let error = harness.membership.checkpoint_done(&report).unwrap_err();
+    assert_eq!(
+        error,
+        MembershipError::LedgerBehind {
+            rank: 1,
+            batch: 4,
+            missing: 2
+        }
+    );
+    assert_eq!(error.code(), RefusalCode::Unavailable, "the worker retries");
+    assert!(!error.is_lie(), "a late heartbeat is not a lie");
+    assert!(harness.membership.state.last_checkpoint.is_none());
+    harness.trained("w1", 1, 2, 4);
+    assert!(harness.membership.checkpoint_done(&report).unwrap());
+    assert_eq!(
+        harness
+            .membership
+            .state
+            .last_checkpoint
+            .as_ref()
+            .unwrap()
+            .batch,
+        4
+    );
+}
+
+#[test]
 fn checkpoint_reports_outside_the_plan_or_with_impossible_steps_are_refused() {
     let mut harness = Harness::running();
     let report = |batch, step| {
