@@ -7,7 +7,9 @@
 //! - [`shallow_penalty`]: NovelAI's per-depth gradient weighting (training only).
 //! - [`pt_writer`] / [`pt_reader`]: A1111's `.pt` format (written by hand; read through the
 //!   [`restricted_pickle`] reader, which never executes a pickle).
-//! - safetensors: `<size>.<0=k|1=v>.<A1111 key>`, the inference layout without dropout.
+//! - [`Hypernetwork::inference_entries`]: `<size>.<0=k|1=v>.<A1111 key>`, the inference layout
+//!   without dropout. No safetensors form is exported: AUTOMATIC1111 only loads `.pt`
+//!   hypernetworks, and ComfyUI's loader reads a safetensors one as an empty patch.
 //!
 //! Variables live in the hypernetwork's own `VarStore` as `<size>.<0|1>.linear.<i>.<weight|bias>`,
 //! with dropout positions counted as A1111 counts them in training.
@@ -137,80 +139,6 @@ impl Hypernetwork {
         Self::from_file(&pt_reader::read_pt(path)?, device)
     }
 
-    /// Reads the safetensors form (`<size>.<0|1>.<key>`, no dropout positions); the structure
-    /// is not stored there, so it is given.
-    pub fn load_safetensors(
-        path: &Path,
-        structure: &HypernetworkStructure,
-        info: HypernetworkInfo,
-        device: Device,
-    ) -> Result<Self> {
-        let tensors = Tensor::read_safetensors(path).map_err(|source| WorkerError::Weights {
-            path: path.to_path_buf(),
-            message: source.to_string(),
-        })?;
-        let mut modules: BTreeMap<i64, [Vec<(String, Tensor)>; 2]> = BTreeMap::new();
-        for (name, tensor) in tensors {
-            let mut parts = name.splitn(3, '.');
-            let parsed = (|| {
-                let size = parts.next()?.parse::<i64>().ok()?;
-                let which = parts
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|which| *which < 2)?;
-                Some((size, which, parts.next()?.to_string()))
-            })();
-            let Some((size, which, key)) = parsed else {
-                return Err(WorkerError::Hypernetwork {
-                    item: format!("{}: {name}", path.display()),
-                    message: "is not `<size>.<0|1>.<key>`".to_string(),
-                });
-            };
-            modules.entry(size).or_default()[which].push((key, tensor));
-        }
-        let file = HypernetworkFile {
-            structure: structure.without_dropout(),
-            step: info.step,
-            name: info.name,
-            sd_checkpoint: info.sd_checkpoint,
-            sd_checkpoint_name: info.sd_checkpoint_name,
-            modules,
-        };
-        let mut hypernetwork = Self::from_file(&file, device)?;
-        if structure.use_dropout() {
-            // Rebuild with dropout and carry the weights over.
-            let inference = hypernetwork;
-            hypernetwork = Self::new(
-                &inference.sizes(),
-                structure.clone(),
-                inference.info.clone(),
-                device,
-            )?;
-            hypernetwork.copy_weights_from(&inference)?;
-        }
-        Ok(hypernetwork)
-    }
-
-    fn copy_weights_from(&self, other: &Hypernetwork) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        for (size, pair) in &self.modules {
-            let Some(other_pair) = other.modules.get(size) else {
-                continue;
-            };
-            for (module, other_module) in pair.iter().zip(other_pair) {
-                for ((_, mut target), (_, source)) in module
-                    .state_dict(false)
-                    .into_iter()
-                    .zip(other_module.state_dict(false))
-                {
-                    target.copy_(&source);
-                }
-            }
-        }
-        Ok(())
-    }
-
     pub fn structure(&self) -> &HypernetworkStructure {
         &self.structure
     }
@@ -323,8 +251,9 @@ impl Hypernetwork {
         pt_writer::write_pt(&self.to_file(), path, dtype)
     }
 
-    /// The safetensors form: `<size>.<0|1>.<A1111 key>` without dropout positions.
-    pub fn safetensors_entries(&self) -> Vec<(String, Tensor)> {
+    /// The weights in the inference layout, `<size>.<0|1>.<A1111 key>` without dropout
+    /// positions.
+    pub fn inference_entries(&self) -> Vec<(String, Tensor)> {
         let mut entries = Vec::new();
         for (size, pair) in &self.modules {
             for (which, module) in pair.iter().enumerate() {
@@ -334,15 +263,6 @@ impl Hypernetwork {
             }
         }
         entries
-    }
-
-    pub fn save_safetensors(&self, path: &Path) -> Result<()> {
-        Tensor::write_safetensors(&self.safetensors_entries(), path).map_err(|source| {
-            WorkerError::Weights {
-                path: path.to_path_buf(),
-                message: source.to_string(),
-            }
-        })
     }
 
     /// The gradient of every module parameter, named `<size>.<k|v>.<A1111 key>` (dropout

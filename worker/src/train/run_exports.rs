@@ -5,8 +5,9 @@
 //!   prefix, loadable by A1111, ComfyUI and diffusers' `from_single_file`) and
 //!   `exports/diffusers/` (a diffusers folder; configs, tokenizer and scheduler copied from the
 //!   base model, so only when the base model is a diffusers folder);
-//! - `hypernetwork`: `exports/hypernetwork.pt` (AUTOMATIC1111's format) and
-//!   `exports/hypernetwork.safetensors`.
+//! - `hypernetwork`: `exports/hypernetwork.pt` (AUTOMATIC1111's format, which ComfyUI's
+//!   hypernetwork loader reads too). No safetensors form is written: AUTOMATIC1111 never lists
+//!   one, and ComfyUI lists it but loads it as an empty patch without a warning.
 //!
 //! With EMA on, the exported trainable weights are the EMA shadow. Files are written into a
 //! local temporary folder first and then put into the run directory one by one, so an
@@ -29,7 +30,6 @@ pub const EXPORTS_PREFIX: &str = "exports";
 pub const SINGLE_FILE_EXPORT: &str = "model.safetensors";
 pub const DIFFUSERS_EXPORT: &str = "diffusers";
 pub const HYPERNETWORK_PT_EXPORT: &str = "hypernetwork.pt";
-pub const HYPERNETWORK_SAFETENSORS_EXPORT: &str = "hypernetwork.safetensors";
 
 /// The run-directory folder of the export at `step`.
 pub fn step_exports_prefix(step: u64) -> String {
@@ -148,11 +148,7 @@ fn export_hypernetwork(
         ));
     };
     let pt = staging.join("hypernetwork.pt");
-    let safetensors = staging.join("hypernetwork.safetensors");
-    let write = || -> Result<()> {
-        hypernetwork.save_pt(&pt, PtDtype::Float32)?;
-        hypernetwork.save_safetensors(&safetensors)
-    };
+    let write = || hypernetwork.save_pt(&pt, PtDtype::Float32);
     match ema {
         None => write()?,
         Some(shadow) => {
@@ -170,17 +166,10 @@ fn export_hypernetwork(
             written?;
         }
     }
-    let mut keys = Vec::new();
-    for (path, name) in [
-        (&pt, HYPERNETWORK_PT_EXPORT),
-        (&safetensors, HYPERNETWORK_SAFETENSORS_EXPORT),
-    ] {
-        let bytes = std::fs::read(path).map_err(WorkerError::io(path))?;
-        let key = format!("{folder}/{name}");
-        run_dir.put(&key, bytes)?;
-        keys.push(key);
-    }
-    Ok(keys)
+    let bytes = std::fs::read(&pt).map_err(WorkerError::io(&pt))?;
+    let key = format!("{folder}/{HYPERNETWORK_PT_EXPORT}");
+    run_dir.put(&key, bytes)?;
+    Ok(vec![key])
 }
 
 /// Copies `source` into `destination` by (prefixed) name, without autograd history.

@@ -148,7 +148,10 @@ fn a_two_worker_hypernetwork_job_exports_a_pt_that_torch_load_accepts() {
 
     let exports = job.run_dir().join("exports");
     assert!(exports.join("hypernetwork.pt").is_file());
-    assert!(exports.join("hypernetwork.safetensors").is_file());
+    assert!(
+        !exports.join("hypernetwork.safetensors").exists(),
+        "no safetensors form: ComfyUI would load it as an empty patch"
+    );
     let sizes = tiny_model()
         .hypernetwork_sizes
         .iter()
