@@ -6,6 +6,16 @@
 //!
 //! A broken line is reported with its line number and skipped; a duplicate id is an error that
 //! names the id, since two items sharing an id would break the "nothing twice" guarantee.
+//!
+//! An optional first line says where the images are, for a manifest written outside its image
+//! folder (`arbor index DS --out elsewhere/manifest.jsonl`):
+//!
+//! ```json
+//! {"image_root": "/data/ds"}
+//! ```
+//!
+//! Keys are then relative to that folder or object-store prefix instead of the manifest's own
+//! folder (a job's `data.root` still wins over both).
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -47,8 +57,33 @@ impl std::fmt::Display for ManifestLineError {
 /// The records of a manifest plus the lines that were skipped.
 #[derive(Debug, Default)]
 pub struct Manifest {
+    /// Where the keys are relative to, from the header line; `None` means the manifest's
+    /// folder.
+    pub image_root: Option<String>,
     pub records: Vec<ManifestRecord>,
     pub skipped_lines: Vec<ManifestLineError>,
+}
+
+/// The optional first line of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestHeader {
+    /// The folder (absolute) or object-store prefix that the keys are relative to.
+    pub image_root: String,
+}
+
+impl ManifestHeader {
+    /// The header as a manifest line, without the newline.
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("a header serializes")
+    }
+
+    /// The header of `line` when it is one: a JSON object with an `image_root` field.
+    fn parse(line: &str) -> Option<Result<Self, String>> {
+        let value: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+        value.get("image_root")?;
+        Some(serde_json::from_value(value).map_err(|error| format!("invalid header: {error}")))
+    }
 }
 
 /// Parses one manifest line. Blank lines are `Ok(None)`.
@@ -73,6 +108,7 @@ pub fn parse_manifest_line(line: &str) -> Result<Option<ManifestRecord>, String>
 pub fn read_manifest(reader: impl BufRead) -> Result<Manifest, CommonError> {
     let mut manifest = Manifest::default();
     let mut first_line_of_id: HashMap<u64, usize> = HashMap::new();
+    let mut seen_content = false;
     for (index, line) in reader.lines().enumerate() {
         let line_number = index + 1;
         let line = match line {
@@ -88,6 +124,31 @@ pub fn read_manifest(reader: impl BufRead) -> Result<Manifest, CommonError> {
                 break;
             }
         };
+        if let Some(header) = ManifestHeader::parse(&line) {
+            let reason = match header {
+                Ok(_) if seen_content => {
+                    "a header (`image_root`) is only read on the first line".to_string()
+                }
+                Ok(header) if header.image_root.trim().is_empty() => {
+                    "invalid header: `image_root` is empty".to_string()
+                }
+                Ok(header) => {
+                    seen_content = true;
+                    manifest.image_root = Some(header.image_root);
+                    continue;
+                }
+                Err(reason) => reason,
+            };
+            seen_content = true;
+            manifest.skipped_lines.push(ManifestLineError {
+                line: line_number,
+                reason,
+            });
+            continue;
+        }
+        if !line.trim().is_empty() {
+            seen_content = true;
+        }
         match parse_manifest_line(&line) {
             Ok(None) => {}
             Ok(Some(record)) => {
@@ -130,6 +191,45 @@ mod tests {
         let lines: Vec<usize> = manifest.skipped_lines.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![3, 4]);
         assert!(manifest.skipped_lines[1].reason.contains("zero size"));
+    }
+
+    #[test]
+    fn a_first_line_header_names_the_image_root_and_a_later_one_is_skipped() {
+        let header = ManifestHeader {
+            image_root: "/data/ds".to_string(),
+        };
+        let text = format!(
+            "\n{}\n{}\n{}\n",
+            header.to_line(),
+            r#"{"id":1,"key":"a.png","width":5,"height":5}"#,
+            r#"{"image_root":"/elsewhere"}"#
+        );
+        let manifest = read_manifest(text.as_bytes()).unwrap();
+        assert_eq!(manifest.image_root.as_deref(), Some("/data/ds"));
+        assert_eq!(manifest.records.len(), 1);
+        assert_eq!(manifest.skipped_lines.len(), 1);
+        assert_eq!(manifest.skipped_lines[0].line, 4);
+        assert!(manifest.skipped_lines[0].reason.contains("first line"));
+
+        let plain = read_manifest(&br#"{"id":1,"key":"a.png","width":5,"height":5}"#[..]).unwrap();
+        assert_eq!(plain.image_root, None);
+
+        for bad in [
+            r#"{"image_root":""}"#,
+            r#"{"image_root":7}"#,
+            r#"{"image_root":"/x","extra":1}"#,
+        ] {
+            let manifest = read_manifest(bad.as_bytes()).unwrap();
+            assert_eq!(manifest.image_root, None, "{bad}");
+            assert_eq!(manifest.skipped_lines.len(), 1, "{bad}");
+            assert!(
+                manifest.skipped_lines[0]
+                    .reason
+                    .starts_with("invalid header"),
+                "{bad}: {}",
+                manifest.skipped_lines[0].reason
+            );
+        }
     }
 
     #[test]

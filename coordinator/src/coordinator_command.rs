@@ -58,9 +58,20 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
     // Workers may run elsewhere: they get the folder or prefix the manifest's keys are
     // relative to as an absolute path. Checked before the job's state is written, so a job
     // that could load none of its images leaves nothing behind.
-    let data_root = match &config.data.root {
+    // `data.root`, else the manifest's header, else the manifest's folder.
+    let data_root = match config.data.root.as_ref().or(dataset.image_root.as_ref()) {
         Some(root) if is_remote(root) => root.clone(),
-        Some(root) => local_path(root, &base, "data.root")?.display().to_string(),
+        Some(root) if config.data.root.is_some() => {
+            local_path(root, &base, "data.root")?.display().to_string()
+        }
+        Some(root) => {
+            let manifest_folder = std::path::Path::new(&manifest)
+                .parent()
+                .unwrap_or(std::path::Path::new("."));
+            local_path(root, manifest_folder, "the manifest's image_root")?
+                .display()
+                .to_string()
+        }
         None if manifest_is_remote => split_object_url(&manifest)?.0.to_string(),
         None => std::path::Path::new(&manifest)
             .parent()

@@ -16,6 +16,9 @@ pub struct Dataset {
     /// Kept records, indexed by position.
     pub records: Vec<ManifestRecord>,
     pub digest: String,
+    /// Where the manifest's header says the images are (`arbor index` writes it when the
+    /// manifest lives outside the image folder).
+    pub image_root: Option<String>,
 }
 
 impl Dataset {
@@ -68,6 +71,7 @@ impl Dataset {
             table: assigner.table().clone(),
             records,
             digest,
+            image_root: manifest.image_root,
         })
     }
 }

@@ -3,14 +3,17 @@
 //! file.
 //!
 //! The exit status is 0 whenever the manifest was written, skips or not; the summary line on
-//! stdout says how many files were written and how many were skipped, by reason.
+//! stdout says how many files were written and how many were skipped, by reason. A manifest
+//! written outside the indexed folder starts with a header naming it ([`image_root_for`]).
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use arbor_common::manifest::ManifestHeader;
 use arbor_data::batch_loader::DEFAULT_MAX_PIXELS;
 use arbor_data::indexer::{index_dataset, IndexOptions, IndexOutcome, IndexProgress};
 use arbor_data::skip_reason::{counts_by_reason, skip_summary};
@@ -19,7 +22,7 @@ use clap::Args;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::object_file::write_all;
+use crate::object_file::{is_object_url, parent_location, write_all};
 
 /// Flags of `arbor index`.
 #[derive(Debug, Clone, Args)]
@@ -86,7 +89,8 @@ pub fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("indexing {}", args.src))?;
     progress.finish();
 
-    write_manifest(&args.out, &outcome)?;
+    let image_root = image_root_for(&args.src, &args.out)?;
+    write_manifest(&args.out, image_root.as_deref(), &outcome)?;
     if let Some(report_path) = &args.report {
         write_report(report_path, &args, &outcome)?;
     } else {
@@ -105,6 +109,11 @@ pub fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
         images = outcome.images_found,
         "index finished"
     );
+    if let Some(image_root) = &image_root {
+        println!(
+            "the manifest is outside {image_root}: its header records that folder as the image root"
+        );
+    }
     println!(
         "indexed {}: {} images found, {} written to {}, {}{}",
         args.src,
@@ -121,9 +130,56 @@ pub fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes the manifest whole and atomically ([`crate::object_file::write_all`]).
-fn write_manifest(name: &str, outcome: &IndexOutcome) -> anyhow::Result<()> {
-    let mut bytes = Vec::with_capacity(outcome.records.len() * 128);
+/// What the manifest's header records as the image root: nothing when the manifest sits in the
+/// folder (or prefix) it indexes, so the pair can move together; otherwise the source as an
+/// absolute path or its URL, so the manifest can live anywhere.
+pub fn image_root_for(src: &str, out: &str) -> anyhow::Result<Option<String>> {
+    let trimmed = |location: &str| location.trim_end_matches('/').to_string();
+    let local = |location: &str| -> Option<PathBuf> {
+        if let Some(path) = location.strip_prefix("file://") {
+            return Some(PathBuf::from(path));
+        }
+        (!is_object_url(location)).then(|| PathBuf::from(location))
+    };
+    let absolute = |path: &Path| -> anyhow::Result<PathBuf> {
+        let path = if path.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            path
+        };
+        path.canonicalize()
+            .with_context(|| format!("resolving {}", path.display()))
+    };
+    let out_folder = parent_location(out);
+    match (local(src), local(&out_folder)) {
+        (Some(src_path), Some(out_path)) => {
+            let src_path = absolute(&src_path)?;
+            if absolute(&out_path)? == src_path {
+                return Ok(None);
+            }
+            Ok(Some(src_path.display().to_string()))
+        }
+        (Some(src_path), None) => Ok(Some(absolute(&src_path)?.display().to_string())),
+        (None, _) if trimmed(src) == trimmed(&out_folder) => Ok(None),
+        (None, _) => Ok(Some(trimmed(src))),
+    }
+}
+
+/// Writes the manifest whole and atomically ([`crate::object_file::write_all`]), with a header
+/// line naming the image root when there is one.
+fn write_manifest(
+    name: &str,
+    image_root: Option<&str>,
+    outcome: &IndexOutcome,
+) -> anyhow::Result<()> {
+    let mut bytes = Vec::with_capacity(outcome.records.len() * 128 + 256);
+    if let Some(image_root) = image_root {
+        let header = ManifestHeader {
+            image_root: image_root.to_string(),
+        };
+        bytes.extend_from_slice(header.to_line().as_bytes());
+        bytes.push(b'\n');
+    }
     for record in &outcome.records {
         serde_json::to_writer(&mut bytes, record)?;
         bytes.push(b'\n');
@@ -193,5 +249,54 @@ impl ProgressDisplay {
         if let ProgressDisplay::Bar(bar) = self {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod image_root_tests {
+    use super::image_root_for;
+
+    #[test]
+    fn a_manifest_beside_its_images_records_no_root_and_one_elsewhere_records_the_source() {
+        let same = |src: &str, out: &str| image_root_for(src, out).unwrap();
+        assert_eq!(
+            same("s3://bucket/ds/", "s3://bucket/ds/manifest.jsonl"),
+            None
+        );
+        assert_eq!(
+            same("s3://bucket/ds", "s3://bucket/ds/manifest.jsonl"),
+            None
+        );
+        assert_eq!(
+            same("s3://bucket/ds/", "s3://bucket/meta/manifest.jsonl").as_deref(),
+            Some("s3://bucket/ds")
+        );
+        assert_eq!(
+            same("gs://bucket/ds", "/tmp/manifest.jsonl").as_deref(),
+            Some("gs://bucket/ds")
+        );
+        let folder = tempfile::tempdir().unwrap();
+        let images = folder.path().join("images");
+        std::fs::create_dir(&images).unwrap();
+        let images_text = images.display().to_string();
+        assert_eq!(
+            same(&images_text, &images.join("m.jsonl").display().to_string()),
+            None
+        );
+        assert_eq!(
+            same(
+                &format!("{images_text}/"),
+                &format!("file://{images_text}/m.jsonl")
+            ),
+            None
+        );
+        let recorded = same(
+            &images_text,
+            &folder.path().join("m.jsonl").display().to_string(),
+        );
+        assert_eq!(
+            recorded.map(std::path::PathBuf::from),
+            Some(images.canonicalize().unwrap())
+        );
     }
 }

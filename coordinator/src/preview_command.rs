@@ -31,7 +31,8 @@ pub struct PreviewArgs {
     #[arg(long)]
     pub manifest: String,
     /// The dataset root the manifest's keys are relative to (a folder or an object-store URL);
-    /// defaults to the manifest's folder.
+    /// defaults to the manifest's header (`image_root`, written by `arbor index` for a manifest
+    /// outside its image folder), else the manifest's folder.
     #[arg(long)]
     pub root: Option<String>,
     #[command(flatten)]
@@ -123,9 +124,10 @@ pub fn run(args: PreviewArgs) -> anyhow::Result<ExitCode> {
         params.bsz
     );
 
-    let root = match &args.root {
-        Some(root) => root.clone(),
-        None => parent_location(&args.manifest),
+    let root = match (&args.root, &manifest.image_root) {
+        (Some(root), _) => root.clone(),
+        (None, Some(image_root)) => image_root.clone(),
+        (None, None) => parent_location(&args.manifest),
     };
     let store = DatasetStore::open(&root)?;
     let loader = BatchLoader::new(

@@ -1142,6 +1142,50 @@ fn a_manifest_written_outside_its_image_folder_is_refused_before_the_job_starts(
     });
 }
 
+/// The job config the coordinator sends a joining worker.
+fn config_sent_to_a_worker(job: &Job) -> arbor_common::config::JobConfig {
+    let address = job.address();
+    let config_toml = runtime().block_on(async {
+        let (_, reply) = join_as_worker_w(&address).await;
+        reply.job_config_toml
+    });
+    arbor_common::config::JobConfig::load(&config_toml, &[]).unwrap()
+}
+
+#[test]
+fn a_manifest_whose_header_names_the_image_folder_runs_from_anywhere() {
+    let job = Job::new(&JobSpec {
+        min_workers: 1,
+        max_workers: 1,
+        ..JobSpec::default()
+    });
+    // What `arbor index data/ --out elsewhere/manifest.jsonl` writes: a header line first.
+    std::fs::create_dir(job.path().join("elsewhere")).unwrap();
+    let records = std::fs::read_to_string(job.path().join("data/manifest.jsonl")).unwrap();
+    let header = arbor_common::manifest::ManifestHeader {
+        image_root: job.path().join("data").display().to_string(),
+    };
+    std::fs::write(
+        job.path().join("elsewhere/manifest.jsonl"),
+        format!("{}\n{records}", header.to_line()),
+    )
+    .unwrap();
+    edit_config(
+        &job,
+        "manifest = \"data/manifest.jsonl\"",
+        "manifest = \"elsewhere/manifest.jsonl\"",
+    );
+    let mut job = job;
+    job.start_coordinator();
+    let config = config_sent_to_a_worker(&job);
+    assert_eq!(
+        config.data.root.as_deref().map(std::path::Path::new),
+        Some(job.path().join("data").as_path()),
+        "{}",
+        job.coordinator_log()
+    );
+}
+
 #[test]
 fn workers_get_the_model_path_relative_to_the_job_file() {
     let mut job = Job::new(&JobSpec {
@@ -1151,12 +1195,7 @@ fn workers_get_the_model_path_relative_to_the_job_file() {
     });
     edit_config(&job, "[data]", "[model]\npath = \"models/sd15\"\n\n[data]");
     job.start_coordinator();
-    let address = job.address();
-    let config_toml = runtime().block_on(async {
-        let (_, reply) = join_as_worker_w(&address).await;
-        reply.job_config_toml
-    });
-    let config = arbor_common::config::JobConfig::load(&config_toml, &[]).unwrap();
+    let config = config_sent_to_a_worker(&job);
     assert_eq!(
         std::path::Path::new(&config.model.path),
         job.path().join("models/sd15")

@@ -39,8 +39,14 @@ fn index_writes_the_manifest_and_reports_every_skip() {
     );
 
     let text = std::fs::read_to_string(&manifest).unwrap();
-    let records: Vec<Value> = text
-        .lines()
+    let mut lines = text.lines();
+    // Written outside the image folder: the header names it, so the manifest can live anywhere.
+    let header: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(
+        header["image_root"].as_str().map(std::path::Path::new),
+        Some(corpus.path().canonicalize().unwrap().as_path())
+    );
+    let records: Vec<Value> = lines
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
     assert_eq!(records.len(), 21);
@@ -60,6 +66,11 @@ fn index_writes_the_manifest_and_reports_every_skip() {
     // The manifest is readable by arbor-common.
     let parsed = arbor_common::manifest::read_manifest(text.as_bytes()).unwrap();
     assert_eq!(parsed.records.len(), 21);
+    assert_eq!(
+        parsed.image_root.as_deref(),
+        header["image_root"].as_str(),
+        "arbor-common reads the header"
+    );
     assert!(parsed.skipped_lines.is_empty());
 
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
@@ -120,19 +131,40 @@ fn index_of_a_missing_folder_fails_with_the_location() {
     );
 }
 
-#[test]
-fn preview_renders_the_first_batches_of_a_rank() {
-    let corpus = tempfile::tempdir().unwrap();
-    make_odd_corpus(corpus.path());
-    let manifest = corpus.path().join("manifest.jsonl");
+/// `arbor index SRC --out MANIFEST`, which must succeed.
+fn index(src: &std::path::Path, manifest: &std::path::Path) {
     Command::cargo_bin("arbor")
         .unwrap()
         .arg("index")
-        .arg(corpus.path())
+        .arg(src)
         .arg("--out")
-        .arg(&manifest)
+        .arg(manifest)
         .assert()
         .success();
+}
+
+#[test]
+fn a_manifest_in_its_image_folder_has_no_header() {
+    let corpus = tempfile::tempdir().unwrap();
+    make_odd_corpus(corpus.path());
+    let manifest = corpus.path().join("manifest.jsonl");
+    index(corpus.path(), &manifest);
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(
+        text.lines().all(|line| line.starts_with("{\"id\":")),
+        "the folder and its manifest move together: {}",
+        text.lines().next().unwrap_or_default()
+    );
+}
+
+#[test]
+fn preview_renders_the_first_batches_of_a_rank() {
+    // Indexed into another folder: preview finds the images through the manifest's header.
+    let corpus = tempfile::tempdir().unwrap();
+    make_odd_corpus(corpus.path());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let manifest = elsewhere.path().join("manifest.jsonl");
+    index(corpus.path(), &manifest);
     let out = tempfile::tempdir().unwrap();
     let grid = out.path().join("grid.png");
     let output = Command::cargo_bin("arbor")
@@ -169,6 +201,13 @@ fn preview_renders_the_first_batches_of_a_rank() {
         stdout.contains("rank 1 epoch 3, 3 batches of 2 (140x250 pixels)"),
         "{stdout}"
     );
+    let failed: usize = stdout
+        .trim_end()
+        .strip_suffix(" failed items")
+        .and_then(|rest| rest.rsplit(' ').next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no failure count in {stdout}"));
+    assert!(failed <= 1, "the images were not found: {stdout}");
     let png = std::fs::read(&grid).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
