@@ -82,6 +82,13 @@ pub struct DataSection {
     /// Batches each rank loads ahead of the one training (0: load each batch when it is due).
     #[serde(default = "default_prefetch_batches")]
     pub prefetch_batches: u32,
+    /// The data failure budget: a rank stops the job when more than this fraction of a
+    /// `failure_window`-item window failed to load (1.0 turns the budget off).
+    #[serde(default = "default_max_failed_fraction")]
+    pub max_failed_fraction: f64,
+    /// The items (per rank, most recent) over which `max_failed_fraction` is counted.
+    #[serde(default = "default_failure_window")]
+    pub failure_window: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -504,6 +511,14 @@ impl DataSection {
 /// The most batches a rank may load ahead (`data.prefetch_batches`).
 pub const MAX_PREFETCH_BATCHES: u32 = 64;
 
+fn default_max_failed_fraction() -> f64 {
+    0.01
+}
+
+fn default_failure_window() -> u32 {
+    1000
+}
+
 fn default_prefetch_batches() -> u32 {
     2
 }
@@ -717,6 +732,15 @@ impl JobConfig {
         }
         if !(0.0..1.0).contains(&self.data.tag_dropout) {
             return Err(invalid("data.tag_dropout", "must be in [0, 1)"));
+        }
+        if !(0.0..=1.0).contains(&self.data.max_failed_fraction) {
+            return Err(invalid(
+                "data.max_failed_fraction",
+                "must be in [0, 1] (1 turns the data failure budget off)",
+            ));
+        }
+        if self.data.failure_window == 0 {
+            return Err(invalid("data.failure_window", "must be at least 1 item"));
         }
         if self.data.prefetch_batches > MAX_PREFETCH_BATCHES {
             return Err(invalid(
@@ -1107,6 +1131,9 @@ mod tests {
             ("model.mode=lora", "model.mode"),
             ("data.tag_dropout=1.5", "data.tag_dropout"),
             ("data.prefetch_batches=65", "data.prefetch_batches"),
+            ("data.max_failed_fraction=1.5", "data.max_failed_fraction"),
+            ("data.max_failed_fraction=nan", "data.max_failed_fraction"),
+            ("data.failure_window=0", "data.failure_window"),
             ("train.cache_latents=true", "train.cache_latents"),
             ("hypernetwork.activation=gelu", "hypernetwork.activation"),
             ("model.prompt_layout=sdxl", "model.prompt_layout"),

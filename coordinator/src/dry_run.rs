@@ -101,7 +101,7 @@ impl Trainer for DryRunTrainer {
         }
         Ok(BatchOutcome {
             data_wait_seconds: load_seconds,
-            failed_items: loaded.failures.len() as u32,
+            failures: loaded.failures.iter().map(ToString::to_string).collect(),
             ..BatchOutcome::default()
         })
     }

@@ -82,10 +82,12 @@ fn three_worker_dry_run_trains_every_kept_item_once_per_epoch() {
 
 #[test]
 fn unreadable_images_are_reported_and_the_dry_run_still_finishes() {
+    // With the data failure budget off (`data.max_failed_fraction = 1.0`).
     let spec = JobSpec {
         min_workers: 1,
         max_workers: 1,
         epochs: 1,
+        max_failed_fraction: Some(1.0),
         ..JobSpec::default()
     };
     let mut job = Job::new(&spec);
@@ -103,6 +105,49 @@ fn unreadable_images_are_reported_and_the_dry_run_still_finishes() {
         log.contains("failed=300"),
         "every 1-byte file is counted: {log}"
     );
+}
+
+#[test]
+fn a_dataset_that_fails_to_load_fails_the_job_with_the_first_reasons() {
+    // Every image is a 1-byte file: past 1% of a 1000-item window (10 items), the job fails.
+    let spec = JobSpec {
+        min_workers: 2,
+        max_workers: 2,
+        epochs: 3,
+        max_failed_fraction: Some(0.01),
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    job.start_coordinator();
+    job.start_worker(0, 0);
+    job.start_worker(1, 0);
+    assert!(
+        !job.wait_coordinator(Duration::from_secs(90)),
+        "a job that trained on nothing but repeats must not succeed:\n{}",
+        job.coordinator_log()
+    );
+    let state = job.state();
+    assert_eq!(state["finished"], false);
+    let failure = state["failure"].as_str().unwrap_or_default();
+    assert!(
+        failure.contains("items failed to load")
+            && failure.contains("data.max_failed_fraction 0.01")
+            && failure.contains("first reasons: item "),
+        "{failure}"
+    );
+    // Stopped within the allowance: 10 failures are allowed, so the third batch of 4 spends it.
+    let batches: usize = (0..3).map(|epoch| job.ledger_lines(epoch).len()).sum();
+    assert!(
+        batches <= 2 * 3,
+        "{batches} batches trained before the job failed"
+    );
+    for (rank, worker) in job.workers.iter_mut().enumerate() {
+        let status = worker.wait().unwrap();
+        assert!(!status.success(), "worker {rank} exited with {status}");
+    }
+    let log = job.worker_log(0) + &job.worker_log(1);
+    assert!(log.contains("the data failure budget is spent"), "{log}");
+    assert!(log.contains("job failed"), "{log}");
 }
 
 #[test]

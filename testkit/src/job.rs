@@ -26,6 +26,8 @@ pub struct JobToml<'a> {
     pub max_workers: u32,
     pub join_timeout_s: u64,
     pub heartbeat_timeout_s: f64,
+    /// `data.max_failed_fraction` (1.0 for datasets of placeholder files that never load).
+    pub max_failed_fraction: f64,
 }
 
 impl JobToml<'_> {
@@ -39,6 +41,7 @@ seed = {seed}
 
 [data]
 manifest = "data/manifest.jsonl"
+max_failed_fraction = {max_failed_fraction:?}
 
 [schedule]
 bsz = {bsz}
@@ -65,6 +68,7 @@ heartbeat_timeout_s = {heartbeat_timeout_s}
             max_workers = self.max_workers,
             join_timeout_s = self.join_timeout_s,
             heartbeat_timeout_s = self.heartbeat_timeout_s,
+            max_failed_fraction = self.max_failed_fraction,
         )
     }
 }

@@ -78,6 +78,9 @@ pub struct JobSpec {
     pub real_images: bool,
     /// Serve gRPC over TLS with a certificate for 127.0.0.1 signed by a generated CA.
     pub tls: bool,
+    /// `data.max_failed_fraction`; `None` is 1.0 (off) for the 1-byte placeholder files and the
+    /// job's default (0.01) for real images.
+    pub max_failed_fraction: Option<f64>,
 }
 
 impl Default for JobSpec {
@@ -92,6 +95,7 @@ impl Default for JobSpec {
             heartbeat_timeout_s: 2.0,
             real_images: false,
             tls: false,
+            max_failed_fraction: None,
         }
     }
 }
@@ -151,6 +155,11 @@ impl Job {
             max_workers: spec.max_workers,
             join_timeout_s: 60,
             heartbeat_timeout_s: spec.heartbeat_timeout_s,
+            max_failed_fraction: spec.max_failed_fraction.unwrap_or(if spec.real_images {
+                0.01
+            } else {
+                1.0
+            }),
         };
         std::fs::write(dir.join("job.toml"), config.render(tls_lines)).unwrap();
         Self {

@@ -138,6 +138,16 @@ pub struct ItemFailure {
     pub reason: LoadFailure,
 }
 
+impl std::fmt::Display for ItemFailure {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "item {} `{}`: {}",
+            self.id, self.key, self.reason
+        )
+    }
+}
+
 /// A loaded batch: `pixels` holds `len * 3 * bucket_height * bucket_width` f32 values, item by
 /// item, each in CHW order and in [-1, 1].
 #[derive(Debug, Clone)]

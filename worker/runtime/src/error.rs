@@ -33,4 +33,6 @@ pub enum RuntimeError {
     LocalRanks(String),
     #[error("restarting the worker process ({program}): {message}")]
     Restart { program: String, message: String },
+    #[error("the coordinator says the {0}")]
+    JobFailed(String),
 }

@@ -16,6 +16,8 @@ use crate::client::{is_transient, Client};
 pub enum Control {
     Regroup(String),
     Stop(String),
+    /// The job failed: exit with its reason, without final exports.
+    Fail(String),
 }
 
 /// A checkpoint the coordinator asked for: when `batch` batches of the plan of (`epoch`,
@@ -49,6 +51,8 @@ pub struct Progress {
     pub error: String,
     /// `error` means this rank cannot train the job at all (its trainer did not start).
     pub fatal: bool,
+    /// Why the job must fail at once (the data failure budget spent), sent until answered.
+    pub job_failure: String,
     pub control: Option<Control>,
     /// The latest checkpoint the coordinator asked for (COMMAND_CHECKPOINT).
     pub requested_checkpoint: Option<RequestedCheckpoint>,
@@ -80,6 +84,7 @@ pub async fn send_heartbeat(client: &Client, worker_id: &str, progress: &SharedP
             completed: sent.clone(),
             error: std::mem::take(&mut state.error),
             fatal: std::mem::take(&mut state.fatal),
+            job_failure: state.job_failure.clone(),
             data_wait_seconds: std::mem::take(&mut state.data_wait_seconds),
             learning_rate: state.learning_rate,
             token_length_counts: std::mem::take(&mut state.token_length_counts).to_vec(),
@@ -102,6 +107,7 @@ pub async fn send_heartbeat(client: &Client, worker_id: &str, progress: &SharedP
                     state.control = Some(Control::Regroup(reply.reason));
                 }
                 Command::Stop => state.control = Some(Control::Stop(reply.reason)),
+                Command::Fail => state.control = Some(Control::Fail(reply.reason)),
                 Command::Checkpoint => {
                     let requested = RequestedCheckpoint {
                         epoch: epoch_sent,

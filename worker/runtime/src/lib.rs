@@ -10,6 +10,7 @@
 
 pub mod batch_fetch;
 pub mod client;
+pub mod data_failure_budget;
 pub mod error;
 pub mod heartbeat;
 pub mod restart;

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::client::{connect, is_transient, Client};
+use crate::data_failure_budget::DataFailureBudget;
 use crate::error::RuntimeError;
 use crate::heartbeat::{heartbeat_loop, send_heartbeat, Control, Progress, SharedProgress};
 use crate::restart::{inherited_worker_id, restart_count, ProcessRestart};
@@ -59,6 +60,8 @@ pub struct RunSummary {
 enum GroupEnd {
     Regroup,
     Finished,
+    /// The job failed, for this reason (`job failed: …`).
+    Failed(String),
 }
 
 /// Runs the worker until the job ends. `trainer` does the per-batch work.
@@ -127,6 +130,7 @@ pub fn run_worker(
             }
             GroupEnd::Regroup => continue,
             GroupEnd::Finished => break,
+            GroupEnd::Failed(reason) => return Err(RuntimeError::JobFailed(reason)),
         }
     }
     trainer.finish().map_err(RuntimeError::Trainer)?;
@@ -353,6 +357,10 @@ fn run_group(
         trainer,
         progress,
         summary,
+        data_budget: DataFailureBudget::new(
+            config.data.max_failed_fraction,
+            config.data.failure_window,
+        ),
         step: resume.step,
     };
     let end = run.train_epochs(resume.epoch);
@@ -397,6 +405,8 @@ struct GroupRun<'a> {
     /// What the heartbeats report, and the coordinator's commands they bring back.
     progress: SharedProgress,
     summary: &'a mut RunSummary,
+    /// This rank's loaded items and failures over `data.failure_window`.
+    data_budget: DataFailureBudget,
     /// Optimizer steps done: one per accumulation window, windows counted per epoch (segment)
     /// from its first batch, so a checkpoint (always at a window's end) never holds half a
     /// window.
@@ -580,6 +590,14 @@ impl GroupRun<'_> {
         *last_batch_end = Instant::now();
         let done = batch.index + 1;
         self.record_batch(batch, &outcome, seconds);
+        if let Some(reason) = self
+            .data_budget
+            .record(batch.items.len() as u64, &outcome.failures)
+        {
+            warn!(rank = self.reply.rank, %reason, "the data failure budget is spent; failing the job");
+            lock(&self.progress).job_failure = reason;
+            return Ok(BatchEnd::Ended(self.wait_for_command()));
+        }
         let steps_exhausted = schedule.max_steps.is_some_and(|max| self.step >= max);
         // The coordinator decides: the plan's schedule (`checkpoint_every` optimizer steps,
         // max_steps, the epoch's end) came with the shard, and checkpoints it asks for later
@@ -620,7 +638,7 @@ impl GroupRun<'_> {
     fn record_batch(&mut self, batch: &Batch, outcome: &BatchOutcome, seconds: f64) {
         self.summary.batches_trained += 1;
         self.summary.items_trained += batch.items.len() as u64;
-        self.summary.failed_items += u64::from(outcome.failed_items);
+        self.summary.failed_items += outcome.failures.len() as u64;
         let mut state = lock(&self.progress);
         state.batches_done = batch.index + 1;
         if let Some(loss) = outcome.loss {
@@ -732,5 +750,6 @@ fn obey(progress: &SharedProgress) -> Option<GroupEnd> {
     match lock(progress).control.take()? {
         Control::Regroup(_) => Some(GroupEnd::Regroup),
         Control::Stop(_) => Some(GroupEnd::Finished),
+        Control::Fail(reason) => Some(GroupEnd::Failed(reason)),
     }
 }

@@ -58,15 +58,16 @@ pub struct GroupInfo {
 }
 
 /// What one batch cost and gave.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct BatchOutcome {
     /// The latest loss, when the trainer read one back with this batch (a GPU trainer reads its
     /// losses back every few steps, not every batch); `None` keeps the last one reported.
     pub loss: Option<f64>,
     /// Seconds spent waiting for data.
     pub data_wait_seconds: f64,
-    /// Items that failed to load and were replaced (reported by the loader).
-    pub failed_items: u32,
+    /// Items that failed to load and were replaced (reported by the loader), one line each
+    /// naming the item, its key and the reason.
+    pub failures: Vec<String>,
     /// The learning rate the batch trained at (`None` in a dry run).
     pub learning_rate: Option<f64>,
     /// The batch's prompts by token count: [`TOKEN_LENGTH_BINS`].

@@ -618,7 +618,7 @@ impl TchTrainer {
         Ok(BatchOutcome {
             loss: loss_value,
             data_wait_seconds,
-            failed_items,
+            failures: loaded.failures.iter().map(ToString::to_string).collect(),
             learning_rate: Some(learning_rate),
             token_length_counts: token_lengths.counts(),
         })

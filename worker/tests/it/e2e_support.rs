@@ -194,6 +194,7 @@ impl Job {
             max_workers: spec.max_workers,
             join_timeout_s: 120,
             heartbeat_timeout_s: spec.heartbeat_timeout_s,
+            max_failed_fraction: 0.01,
         };
         let more = format!(
             r#"

@@ -233,7 +233,7 @@ fn hypernetwork_mode_trains_only_the_hypernetwork_and_exports_it() {
             "loss {:?}",
             outcome.loss
         );
-        assert_eq!(outcome.failed_items, 0);
+        assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
         // What the runtime reports to the coordinator: the rate and the batch's two prompts.
         assert!(
             outcome.learning_rate.is_some_and(|lr| lr > 0.0),
@@ -357,14 +357,24 @@ fn a_bad_image_is_reported_and_training_continues() {
         height: 32,
     };
     let outcome = trainer.train_batch(&broken).unwrap();
-    assert_eq!(outcome.failed_items, 1);
+    assert_eq!(outcome.failures.len(), 1);
+    assert!(
+        outcome.failures[0].starts_with("item 99 `broken.png`: "),
+        "{:?}",
+        outcome.failures
+    );
     assert!(outcome.loss.is_some_and(f64::is_finite));
     let mut missing = batch(1, [3, 4]);
     missing.items[0].key = "does-not-exist.png".to_string();
     let outcome = trainer.train_batch(&missing).unwrap();
-    assert_eq!(outcome.failed_items, 1);
+    assert_eq!(outcome.failures.len(), 1);
+    assert!(
+        outcome.failures[0].contains("`does-not-exist.png`"),
+        "{:?}",
+        outcome.failures
+    );
     let outcome = trainer.train_batch(&batch(2, [3, 4])).unwrap();
-    assert_eq!(outcome.failed_items, 0);
+    assert!(outcome.failures.is_empty());
     assert_eq!(trainer.step(), 3);
     trainer.finish().unwrap();
     let failed: Vec<u32> = read_metrics(&fixture.run_dir)

@@ -399,7 +399,7 @@ impl Membership {
             return Ok(reply(Command::Stop, "job finished"));
         }
         if let Phase::Failed(reason) = &self.phase {
-            return Ok(reply(Command::Stop, &format!("job failed: {reason}")));
+            return Ok(reply(Command::Fail, &format!("job failed: {reason}")));
         }
         let member = &heartbeat.member;
         let now = self.clock.now();
@@ -432,6 +432,11 @@ impl Membership {
             Err(error) => return Err(self.refused(&member.worker_id, error)),
         };
         self.book_heartbeat(heartbeat, &lines)?;
+        if !heartbeat.job_failure.is_empty() {
+            let reason = format!("rank {}: {}", member.rank, heartbeat.job_failure);
+            self.fail(reason.clone());
+            return Ok(reply(Command::Fail, &format!("job failed: {reason}")));
+        }
         if heartbeat.fatal {
             return Ok(self.start_failed(member.rank, &heartbeat.error));
         }
@@ -503,7 +508,7 @@ impl Membership {
                 "rank {rank} cannot train this job ({count} start failures, cluster.max_start_failures {limit}): {error}"
             );
             self.fail(reason.clone());
-            return reply(Command::Stop, &format!("job failed: {reason}"));
+            return reply(Command::Fail, &format!("job failed: {reason}"));
         }
         let text = format!("rank {rank} could not start ({count} of {limit}): {error}");
         self.event(text.clone());

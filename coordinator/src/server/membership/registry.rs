@@ -242,6 +242,7 @@ mod tests {
             completed: Vec::new(),
             error: String::new(),
             fatal: false,
+            job_failure: String::new(),
         };
         assert_eq!(
             worker.record_heartbeat(&heartbeat([u64::MAX - 1, 1, 0, 0]), true),

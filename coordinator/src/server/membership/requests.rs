@@ -60,6 +60,22 @@ pub struct WorkerHeartbeat {
     pub error: String,
     /// `error` means the rank cannot train this job at all: the job fails.
     pub fatal: bool,
+    /// Empty, or why the job must fail at once (the data failure budget spent), cut to
+    /// [`MAX_ERROR_BYTES`].
+    pub job_failure: String,
+}
+
+/// `text` cut to [`MAX_ERROR_BYTES`] on a character boundary, marked when cut.
+fn cut_error_text(mut text: String) -> String {
+    if text.len() > MAX_ERROR_BYTES {
+        let mut cut = MAX_ERROR_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(" …");
+    }
+    text
 }
 
 /// A validated Shard request.
@@ -162,15 +178,7 @@ impl TryFrom<HeartbeatRequest> for WorkerHeartbeat {
         let mut token_length_counts = [0u64; TOKEN_LENGTH_BINS.len()];
         token_length_counts[..request.token_length_counts.len()]
             .copy_from_slice(&request.token_length_counts);
-        let mut error = request.error;
-        if error.len() > MAX_ERROR_BYTES {
-            let mut cut = MAX_ERROR_BYTES;
-            while !error.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            error.truncate(cut);
-            error.push_str(" …");
-        }
+        let error = cut_error_text(request.error);
         Ok(Self {
             member,
             epoch: request.epoch,
@@ -190,6 +198,7 @@ impl TryFrom<HeartbeatRequest> for WorkerHeartbeat {
                 .collect(),
             fatal: request.fatal && !error.is_empty(),
             error,
+            job_failure: cut_error_text(request.job_failure),
         })
     }
 }

@@ -824,7 +824,7 @@ fn the_same_start_failure_max_start_failures_times_fails_the_job() {
         assert_eq!(harness.membership.phase(), &Phase::Running);
     }
     let reply = harness.membership.heartbeat(&fatal(&harness)).unwrap();
-    assert_eq!(reply.command, Command::Stop as i32);
+    assert_eq!(reply.command, Command::Fail as i32);
     match harness.membership.phase() {
         Phase::Failed(reason) => assert!(
             reason.contains("rank 1 cannot train this job (3 start failures")
