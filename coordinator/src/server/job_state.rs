@@ -34,6 +34,9 @@ pub struct CheckpointRecord {
     pub path: String,
 }
 
+/// How many earlier complete checkpoints `state.json` remembers.
+pub const EARLIER_CHECKPOINTS_KEPT: usize = 4;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobState {
     pub job: String,
@@ -47,6 +50,11 @@ pub struct JobState {
     /// Optimizer steps completed at the last complete checkpoint.
     pub step: u64,
     pub last_checkpoint: Option<CheckpointRecord>,
+    /// The complete checkpoints before `last_checkpoint`, newest first (at most
+    /// [`EARLIER_CHECKPOINTS_KEPT`]): where a restart falls back to when the last one is
+    /// unusable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier_checkpoints: Vec<CheckpointRecord>,
     pub regroups: u64,
     pub finished: bool,
     pub failure: Option<String>,
@@ -63,6 +71,7 @@ impl JobState {
             segments: Vec::new(),
             step: 0,
             last_checkpoint: None,
+            earlier_checkpoints: Vec::new(),
             regroups: 0,
             finished: false,
             failure: None,
@@ -70,6 +79,14 @@ impl JobState {
     }
 
     pub const KEY: &'static str = "state.json";
+
+    /// Records a newly complete checkpoint; the one it replaces joins the earlier ones.
+    pub fn checkpoint_completed(&mut self, record: CheckpointRecord) {
+        if let Some(previous) = self.last_checkpoint.replace(record) {
+            self.earlier_checkpoints.insert(0, previous);
+            self.earlier_checkpoints.truncate(EARLIER_CHECKPOINTS_KEPT);
+        }
+    }
 
     /// The persisted state, if the run directory has one.
     pub fn load(run_store: &dyn RunStore) -> anyhow::Result<Option<Self>> {

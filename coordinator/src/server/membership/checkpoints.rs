@@ -373,7 +373,7 @@ impl Membership {
             current.checkpoint_batch = report.batch;
         }
         self.state.step = self.state.step.max(report.step);
-        self.state.last_checkpoint = Some(record);
+        self.state.checkpoint_completed(record);
         self.checkpoints.last_completed_at = self.clock.now();
         if self
             .checkpoints

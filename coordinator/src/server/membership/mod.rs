@@ -118,12 +118,15 @@ impl Membership {
         dataset: Arc<Dataset>,
         run_store: Arc<dyn RunStore>,
         metrics: Metrics,
-        state: JobState,
+        mut state: JobState,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
         let location = run_store.location();
         let misfit = || format!("{location}/{} does not fit the job", JobState::KEY);
         state_check::check_state(&state, &config).with_context(misfit)?;
+        let fallback =
+            state_check::fall_back_from_an_unusable_checkpoint(&mut state, run_store.as_ref())
+                .with_context(misfit)?;
         let ledger = EpochLedger::open(run_store.clone(), state.epoch)?;
         ledger.check_generations(state.generation)?;
         let now = clock.now();
@@ -169,6 +172,11 @@ impl Membership {
             "coordinator started at epoch {} generation {}",
             membership.state.epoch, membership.state.generation
         ));
+        if let Some(fallback) = fallback {
+            warn!(%fallback, "the last checkpoint is unusable");
+            membership.event(fallback);
+            membership.persist().context("persisting state.json")?;
+        }
         membership.update_gauges();
         Ok(membership)
     }

@@ -6,7 +6,8 @@
 use anyhow::bail;
 use arbor_common::config::JobConfig;
 
-use crate::server::job_state::JobState;
+use crate::server::job_state::{CheckpointRecord, JobState};
+use crate::server::run_store::RunStore;
 
 /// The checks that need only the state and the config.
 pub fn check_state(state: &JobState, config: &JobConfig) -> anyhow::Result<()> {
@@ -108,6 +109,101 @@ pub fn check_segments_fit(state: &JobState, current_plan_batches: u64) -> anyhow
         }
     }
     Ok(())
+}
+
+/// Why the files of `record` cannot be resumed from: the coordinator's own part of a
+/// checkpoint (`COMPLETE`, and `coordinator.json` naming the same checkpoint) must be there.
+/// The trainers check their files when they load them.
+pub fn checkpoint_files_problem(
+    run_store: &dyn RunStore,
+    record: &CheckpointRecord,
+) -> anyhow::Result<Option<String>> {
+    let location = run_store.location();
+    let complete = format!("{}/COMPLETE", record.path);
+    if run_store.read(&complete)?.is_none() {
+        return Ok(Some(format!("{location}/{complete}: missing")));
+    }
+    let described = format!("{}/coordinator.json", record.path);
+    let Some(bytes) = run_store.read(&described)? else {
+        return Ok(Some(format!("{location}/{described}: missing")));
+    };
+    let written: CheckpointRecord = match serde_json::from_slice(&bytes) {
+        Ok(written) => written,
+        Err(error) => return Ok(Some(format!("{location}/{described}: {error}"))),
+    };
+    if &written != record {
+        let field = [
+            ("epoch", written.epoch != record.epoch),
+            ("segment", written.segment != record.segment),
+            ("batch", written.batch != record.batch),
+            ("step", written.step != record.step),
+            ("world_size", written.world_size != record.world_size),
+            ("generation", written.generation != record.generation),
+        ]
+        .into_iter()
+        .find_map(|(field, differs)| differs.then_some(field))
+        .unwrap_or("path");
+        return Ok(Some(format!(
+            "{location}/{described}: {field} differs from state.json's last_checkpoint"
+        )));
+    }
+    Ok(None)
+}
+
+/// Checks the last checkpoint's files before anything resumes from it. An unusable one is
+/// replaced by the newest earlier complete checkpoint of the same plan (the ledger rolls back
+/// to it when the group forms); the returned text says so. With none to fall back to, the
+/// coordinator stops naming the file.
+pub fn fall_back_from_an_unusable_checkpoint(
+    state: &mut JobState,
+    run_store: &dyn RunStore,
+) -> anyhow::Result<Option<String>> {
+    if state.finished {
+        return Ok(None);
+    }
+    let Some(last) = state.last_checkpoint.clone() else {
+        return Ok(None);
+    };
+    let Some(problem) = checkpoint_files_problem(run_store, &last)? else {
+        return Ok(None);
+    };
+    let current_segment = state.segments.last().map(|segment| segment.segment);
+    let same_plan = |record: &CheckpointRecord| {
+        record.epoch == state.epoch && Some(record.segment) == current_segment
+    };
+    if !same_plan(&last) {
+        bail!("last_checkpoint {}: {problem}; it ended an earlier epoch or plan, so there is no earlier checkpoint of this plan to fall back to", last.path);
+    }
+    let mut skipped = vec![problem];
+    for (index, earlier) in state.earlier_checkpoints.clone().iter().enumerate() {
+        if !same_plan(earlier) {
+            break;
+        }
+        match checkpoint_files_problem(run_store, earlier)? {
+            Some(problem) => skipped.push(problem),
+            None => {
+                state.last_checkpoint = Some(earlier.clone());
+                state.earlier_checkpoints.drain(..=index);
+                state.step = earlier.step;
+                if let Some(current) = state.segments.last_mut() {
+                    current.checkpoint_batch = earlier.batch;
+                }
+                return Ok(Some(format!(
+                    "checkpoint {} is unusable ({}); falling back to {} (epoch {} batch {})",
+                    last.path,
+                    skipped.join("; "),
+                    earlier.path,
+                    earlier.epoch,
+                    earlier.batch
+                )));
+            }
+        }
+    }
+    bail!(
+        "last_checkpoint {}: {}; no earlier complete checkpoint of this plan to fall back to",
+        last.path,
+        skipped.join("; ")
+    )
 }
 
 #[cfg(test)]

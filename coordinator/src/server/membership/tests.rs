@@ -523,6 +523,84 @@ fn a_state_that_does_not_fit_the_job_stops_the_coordinator() {
     assert!(text.contains("segments[0].checkpoint_batch: 500"), "{text}");
 }
 
+impl Harness {
+    /// A coordinator restarted on this harness's run directory (the same job).
+    fn restarted(&self) -> anyhow::Result<Membership> {
+        let run_store: Arc<dyn RunStore> =
+            Arc::new(LocalRunStore::new(self.run_dir.path().to_path_buf()));
+        let state = JobState::load(run_store.as_ref())?.expect("a persisted state");
+        Membership::new(
+            self.membership.config.clone(),
+            self.membership.dataset.clone(),
+            run_store,
+            Metrics::new(),
+            state,
+            Arc::new(ManualClock::new()),
+        )
+    }
+
+    /// Two complete checkpoints of the running plan: at batches 2 (step 2) and 4 (step 4).
+    fn two_checkpoints() -> Self {
+        let mut harness = Self::running();
+        harness.trained("w0", 0, 0, 4);
+        harness.trained("w1", 1, 0, 4);
+        assert!(!harness.checkpoint("w0", 0, 2, 2));
+        assert!(harness.checkpoint("w1", 1, 2, 2));
+        assert!(!harness.checkpoint("w0", 0, 4, 4));
+        assert!(harness.checkpoint("w1", 1, 4, 4));
+        harness
+    }
+}
+
+#[test]
+fn an_unusable_last_checkpoint_falls_back_to_the_previous_complete_one() {
+    let harness = Harness::two_checkpoints();
+    std::fs::remove_file(harness.run_dir.path().join("checkpoints/step-4/COMPLETE")).unwrap();
+    let restarted = harness.restarted().unwrap();
+    let last = restarted.state.last_checkpoint.clone().unwrap();
+    assert_eq!((last.path.as_str(), last.batch), ("checkpoints/step-2", 2));
+    assert_eq!(restarted.state.step, 2);
+    assert_eq!(restarted.state.segments.last().unwrap().checkpoint_batch, 2);
+    let events = restarted.status().recent_events.join("\n");
+    assert!(
+        events.contains("checkpoint checkpoints/step-4 is unusable (")
+            && events.contains(
+                "checkpoints/step-4/COMPLETE: missing); falling back to checkpoints/step-2"
+            ),
+        "{events}"
+    );
+    // Persisted: the next restart starts from step-2 without another fallback.
+    let again = harness.restarted().unwrap();
+    assert_eq!(again.state.last_checkpoint, Some(last));
+}
+
+#[test]
+fn a_checkpoint_that_names_another_and_nothing_to_fall_back_to_stops_the_coordinator() {
+    let harness = Harness::two_checkpoints();
+    let described = |step: u64| {
+        harness
+            .run_dir
+            .path()
+            .join(format!("checkpoints/step-{step}/coordinator.json"))
+    };
+    let text = std::fs::read_to_string(described(4)).unwrap();
+    std::fs::write(described(4), text.replace("\"batch\": 4", "\"batch\": 3")).unwrap();
+    std::fs::write(described(2), "{ not json").unwrap();
+    let error = harness.restarted().err().expect("refused");
+    let text = format!("{error:#}");
+    assert!(
+        text.contains(
+            "checkpoints/step-4/coordinator.json: batch differs from state.json's last_checkpoint"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("checkpoints/step-2/coordinator.json: "),
+        "{text}"
+    );
+    assert!(text.contains("no earlier complete checkpoint"), "{text}");
+}
+
 /// One request of an arbitrary client: field values drawn from small, plausible and extreme
 /// ranges.
 #[derive(Debug, Clone)]
