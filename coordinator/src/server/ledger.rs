@@ -149,6 +149,36 @@ impl EpochLedger {
         Ok(())
     }
 
+    /// Checks the standing batches of the current plan's `generations` against it: every rank
+    /// inside its world size, every batch inside its batches per rank.
+    pub fn check_plan(
+        &self,
+        generations: &[u64],
+        world_size: u32,
+        batches_per_rank: u64,
+    ) -> anyhow::Result<()> {
+        for (&(generation, rank), batches) in &self.standing {
+            if !generations.contains(&generation) {
+                continue;
+            }
+            if rank >= world_size {
+                anyhow::bail!(
+                    "{}/{}: rank {rank} of generation {generation} is outside the plan's world size {world_size}",
+                    self.run_store.location(),
+                    self.key
+                );
+            }
+            if let Some(&batch) = batches.range(batches_per_rank..).next() {
+                anyhow::bail!(
+                    "{}/{}: batch {batch} of rank {rank} (generation {generation}) is past the plan's {batches_per_rank} batches per rank",
+                    self.run_store.location(),
+                    self.key
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Rolls back every standing batch `>= from_batch` of the given generations.
     pub fn roll_back_from(
         &mut self,

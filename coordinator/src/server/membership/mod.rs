@@ -167,6 +167,13 @@ impl Membership {
             })?;
             state_check::check_segments_fit(&membership.state, plan.batches_per_rank())
                 .with_context(misfit)?;
+            if let Some(current) = membership.state.segments.last() {
+                membership.ledger.check_plan(
+                    &current.generations,
+                    current.world_size,
+                    plan.batches_per_rank(),
+                )?;
+            }
         }
         membership.event(format!(
             "coordinator started at epoch {} generation {}",

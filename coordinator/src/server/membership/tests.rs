@@ -601,6 +601,30 @@ fn a_checkpoint_that_names_another_and_nothing_to_fall_back_to_stops_the_coordin
     assert!(text.contains("no earlier complete checkpoint"), "{text}");
 }
 
+#[test]
+fn a_ledger_line_outside_the_plan_stops_the_coordinator_naming_the_file() {
+    let harness = Harness::two_checkpoints();
+    let ledger = harness.run_dir.path().join(EpochLedger::key(0));
+    let forged = LedgerLine {
+        generation: harness.generation(),
+        rank: 1,
+        batch: 9999,
+        items: Some(vec![1000]),
+        rolled_back: false,
+    };
+    let mut text = std::fs::read_to_string(&ledger).unwrap();
+    text.push_str(&serde_json::to_string(&forged).unwrap());
+    text.push('\n');
+    std::fs::write(&ledger, text).unwrap();
+    let error = format!("{:#}", harness.restarted().err().expect("refused"));
+    assert!(
+        error.contains(
+            "ledger/epoch-0.jsonl: batch 9999 of rank 1 (generation 1) is past the plan's"
+        ),
+        "{error}"
+    );
+}
+
 /// One request of an arbitrary client: field values drawn from small, plausible and extreme
 /// ranges.
 #[derive(Debug, Clone)]
