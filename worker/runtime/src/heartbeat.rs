@@ -53,6 +53,8 @@ pub struct Progress {
     pub fatal: bool,
     /// Why the job must fail at once (the data failure budget spent), sent until answered.
     pub job_failure: String,
+    /// The checkpoint this rank could not resume from (with `error` saying why).
+    pub unusable_checkpoint: String,
     pub control: Option<Control>,
     /// The latest checkpoint the coordinator asked for (COMMAND_CHECKPOINT).
     pub requested_checkpoint: Option<RequestedCheckpoint>,
@@ -85,6 +87,7 @@ pub async fn send_heartbeat(client: &Client, worker_id: &str, progress: &SharedP
             error: std::mem::take(&mut state.error),
             fatal: std::mem::take(&mut state.fatal),
             job_failure: state.job_failure.clone(),
+            unusable_checkpoint: std::mem::take(&mut state.unusable_checkpoint),
             data_wait_seconds: std::mem::take(&mut state.data_wait_seconds),
             learning_rate: state.learning_rate,
             token_length_counts: std::mem::take(&mut state.token_length_counts).to_vec(),

@@ -329,12 +329,28 @@ fn run_group(
         state.segment = resume.segment;
         state.batches_done = resume.batch;
     }
+    if !group.resume_checkpoint.is_empty() {
+        if let Err(error) = trainer.check_checkpoint(config, &group.resume_checkpoint) {
+            warn!(checkpoint = %group.resume_checkpoint, %error, "the checkpoint to resume from is unusable; reporting it and joining again");
+            {
+                let mut state = lock(&progress);
+                state.error = format!("checkpoint {}: {error}", group.resume_checkpoint);
+                state.unusable_checkpoint = group.resume_checkpoint.clone();
+            }
+            report_and_wait(runtime, client, worker_id, &progress);
+            return Ok(GroupEnd::Regroup);
+        }
+    }
     if let Err(error) = trainer.start(&group, config) {
         // The coordinator decides: it re-forms the group for another try, or fails the job
         // after `cluster.max_start_failures` (and the next Join says so).
         warn!(%error, "the trainer did not start; reporting it and joining again");
-        report_start_failure(runtime, client, worker_id, &progress, &error);
-        std::thread::sleep(Duration::from_secs(1));
+        {
+            let mut state = lock(&progress);
+            state.error = format!("the trainer did not start: {error}");
+            state.fatal = true;
+        }
+        report_and_wait(runtime, client, worker_id, &progress);
         return Ok(GroupEnd::Regroup);
     }
     let table = BucketTable::new(config.buckets.bucket_params())?;
@@ -368,28 +384,24 @@ fn run_group(
     end
 }
 
-/// Tells the coordinator that this rank's trainer did not start, so that the same failure
-/// fails the job with its reason instead of regrouping into it forever. Best effort: a coordinator that cannot
-/// be reached within a few seconds sees the worker lost instead.
-fn report_start_failure(
+/// Tells the coordinator why this rank could not start (a trainer that did not start, so that
+/// the same failure fails the job instead of regrouping into it forever, or an unusable
+/// checkpoint, so that it falls back), then waits a second before joining again. Best effort:
+/// a coordinator that cannot be reached within a few seconds sees the worker lost instead.
+fn report_and_wait(
     runtime: &tokio::runtime::Runtime,
     client: &Client,
     worker_id: &str,
     progress: &SharedProgress,
-    error: &str,
 ) {
-    {
-        let mut state = lock(progress);
-        state.error = format!("the trainer did not start: {error}");
-        state.fatal = true;
-    }
     let sent = runtime.block_on(tokio::time::timeout(
         Duration::from_secs(10),
         send_heartbeat(client, worker_id, progress),
     ));
     if sent.is_err() {
-        warn!("the coordinator did not hear of the start failure within 10 s");
+        warn!("the coordinator did not hear why this rank could not start within 10 s");
     }
+    std::thread::sleep(Duration::from_secs(1));
 }
 
 /// One group's run on this rank: what every step of the loop needs, so the steps are methods

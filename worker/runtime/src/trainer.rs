@@ -82,6 +82,14 @@ pub const TOKEN_LENGTH_BINS: [&str; 4] = ["up_to_75", "76_to_150", "151_to_225",
 pub trait Trainer: Send {
     /// Called after every (re-)formation of the group, before the first batch.
     fn start(&mut self, group: &GroupInfo, config: &JobConfig) -> Result<(), String>;
+    /// Reads and checks `checkpoint` (run-directory relative), which the next `start` resumes
+    /// from. An error says why it cannot be resumed from: the runtime reports the checkpoint as
+    /// unusable and the coordinator falls back to an earlier one. A trainer may keep what it
+    /// read for `start`. The default (the dry run, which resumes from positions only) checks
+    /// nothing.
+    fn check_checkpoint(&mut self, _config: &JobConfig, _checkpoint: &str) -> Result<(), String> {
+        Ok(())
+    }
     /// Called with the batches that will follow (for prefetching); may be ignored.
     fn upcoming(&mut self, _batches: &[Batch]) {}
     fn train_batch(&mut self, batch: &Batch) -> Result<BatchOutcome, String>;

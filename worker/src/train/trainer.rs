@@ -195,6 +195,8 @@ pub struct TchTrainer {
     window: Window,
     pending: PendingSteps,
     last_sampled_step: Option<u64>,
+    /// A checkpoint read by `check_checkpoint`, for the `start` that resumes from it.
+    checked_checkpoint: Option<(String, CheckpointContents)>,
 }
 
 impl std::fmt::Debug for TchTrainer {
@@ -273,6 +275,7 @@ impl TchTrainer {
             window: Window::default(),
             pending: PendingSteps::default(),
             last_sampled_step: None,
+            checked_checkpoint: None,
         }
     }
 
@@ -426,7 +429,10 @@ impl TchTrainer {
             info!(rank = group.rank, "starting from the initial weights");
         } else {
             let key = group.resume_checkpoint.as_str();
-            let contents = read_checkpoint(&session.run_dir, key)?;
+            let contents = match self.checked_checkpoint.take() {
+                Some((checked, contents)) if checked == key => contents,
+                _ => read_checkpoint(&session.run_dir, key)?,
+            };
             copy_tensors_by_name(&contents.trainable, &session.trainable, key)?;
             let optimizer_state: HashMap<String, Tensor> = contents.optimizer.into_iter().collect();
             session.optimizer =
@@ -983,6 +989,18 @@ impl Trainer for TchTrainer {
     fn start(&mut self, group: &GroupInfo, config: &JobConfig) -> std::result::Result<(), String> {
         self.start_group(group, config)
             .map_err(|error| format!("starting rank {}: {error}", group.rank))
+    }
+
+    fn check_checkpoint(
+        &mut self,
+        config: &JobConfig,
+        checkpoint: &str,
+    ) -> std::result::Result<(), String> {
+        self.checked_checkpoint = None;
+        let run_dir = RunDir::open(&config.job.run_dir).map_err(|error| error.to_string())?;
+        let contents = read_checkpoint(&run_dir, checkpoint).map_err(|error| error.to_string())?;
+        self.checked_checkpoint = Some((checkpoint.to_string(), contents));
+        Ok(())
     }
 
     fn upcoming(&mut self, batches: &[Batch]) {

@@ -436,6 +436,24 @@ fn resume_from_a_checkpoint_restores_the_exact_state() {
     trainer.start(&solo("", 0), &config).unwrap();
     assert_eq!(trainer.step(), 0);
     assert_eq!(max_change(&initial, &trainable_snapshot(&trainer)), 0.0);
+
+    // check_checkpoint reads what the next start resumes from; a truncated file makes the
+    // checkpoint unusable, with the file named.
+    let mut checked = self::trainer();
+    checked.check_checkpoint(&config, &key).unwrap();
+    checked.start(&solo(&key, 2), &config).unwrap();
+    assert_eq!(
+        max_change(&at_checkpoint, &trainable_snapshot(&checked)),
+        0.0
+    );
+    let weights = fixture.run_dir.join(&key).join("weights.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let error = checked.check_checkpoint(&config, &key).unwrap_err();
+    assert!(
+        error.contains("weights.safetensors") && error.contains("truncated"),
+        "{error}"
+    );
 }
 
 #[test]

@@ -452,6 +452,9 @@ impl Membership {
             self.fail(reason.clone());
             return Ok(reply(Command::Fail, &format!("job failed: {reason}")));
         }
+        if !heartbeat.unusable_checkpoint.is_empty() {
+            return Ok(self.checkpoint_unusable(member.rank, heartbeat));
+        }
         if heartbeat.fatal {
             return Ok(self.start_failed(member.rank, &heartbeat.error));
         }
@@ -509,6 +512,43 @@ impl Membership {
             .map_err(|error| MembershipError::Internal(format!("writing the ledger: {error:#}")))?;
         self.observe_progress(self.clock.now());
         Ok(())
+    }
+
+    /// A rank could not resume from the checkpoint it was given: fall back to the newest
+    /// earlier complete checkpoint of the plan and re-form the group from it (the ledger rolls
+    /// back to it), or fail the job when there is none. A report about a checkpoint the job no
+    /// longer resumes from (another rank's report already moved it) only re-forms the group.
+    fn checkpoint_unusable(&mut self, rank: u32, heartbeat: &WorkerHeartbeat) -> HeartbeatReply {
+        let reported = &heartbeat.unusable_checkpoint;
+        let current = self
+            .state
+            .last_checkpoint
+            .as_ref()
+            .map(|last| last.path.as_str());
+        if current != Some(reported.as_str()) {
+            return reply(Command::Regroup, "the group is re-forming");
+        }
+        let problem = format!("rank {rank}: {}", heartbeat.error);
+        match state_check::fall_back_to_an_earlier_checkpoint(
+            &mut self.state,
+            self.run_store.as_ref(),
+            problem,
+        ) {
+            Ok(fallback) => {
+                warn!(%fallback, "a rank could not resume from the last checkpoint");
+                self.event(fallback.clone());
+                if let Err(error) = self.persist() {
+                    warn!(error = format!("{error:#}"), "persisting state failed");
+                }
+                self.start_regroup(fallback.clone());
+                reply(Command::Regroup, &fallback)
+            }
+            Err(error) => {
+                let reason = format!("{error:#}");
+                self.fail(reason.clone());
+                reply(Command::Fail, &format!("job failed: {reason}"))
+            }
+        }
     }
 
     /// A rank's trainer did not start. The same failure (by its text) `max_start_failures`

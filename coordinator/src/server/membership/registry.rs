@@ -243,6 +243,7 @@ mod tests {
             error: String::new(),
             fatal: false,
             job_failure: String::new(),
+            unusable_checkpoint: String::new(),
         };
         assert_eq!(
             worker.record_heartbeat(&heartbeat([u64::MAX - 1, 1, 0, 0]), true),

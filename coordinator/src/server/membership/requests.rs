@@ -63,6 +63,8 @@ pub struct WorkerHeartbeat {
     /// Empty, or why the job must fail at once (the data failure budget spent), cut to
     /// [`MAX_ERROR_BYTES`].
     pub job_failure: String,
+    /// Empty, or the checkpoint this rank could not resume from (`error` says why).
+    pub unusable_checkpoint: String,
 }
 
 /// `text` cut to [`MAX_ERROR_BYTES`] on a character boundary, marked when cut.
@@ -199,6 +201,7 @@ impl TryFrom<HeartbeatRequest> for WorkerHeartbeat {
             fatal: request.fatal && !error.is_empty(),
             error,
             job_failure: cut_error_text(request.job_failure),
+            unusable_checkpoint: cut_error_text(request.unusable_checkpoint),
         })
     }
 }

@@ -167,6 +167,20 @@ pub fn fall_back_from_an_unusable_checkpoint(
     let Some(problem) = checkpoint_files_problem(run_store, &last)? else {
         return Ok(None);
     };
+    fall_back_to_an_earlier_checkpoint(state, run_store, problem).map(Some)
+}
+
+/// Replaces the last checkpoint, unusable for `problem`, by the newest earlier complete
+/// checkpoint of the same plan whose files check out; returns the event that says so. With
+/// none, the error names every problem found.
+pub fn fall_back_to_an_earlier_checkpoint(
+    state: &mut JobState,
+    run_store: &dyn RunStore,
+    problem: String,
+) -> anyhow::Result<String> {
+    let Some(last) = state.last_checkpoint.clone() else {
+        bail!("no checkpoint to fall back from: {problem}");
+    };
     let current_segment = state.segments.last().map(|segment| segment.segment);
     let same_plan = |record: &CheckpointRecord| {
         record.epoch == state.epoch && Some(record.segment) == current_segment
@@ -188,14 +202,14 @@ pub fn fall_back_from_an_unusable_checkpoint(
                 if let Some(current) = state.segments.last_mut() {
                     current.checkpoint_batch = earlier.batch;
                 }
-                return Ok(Some(format!(
+                return Ok(format!(
                     "checkpoint {} is unusable ({}); falling back to {} (epoch {} batch {})",
                     last.path,
                     skipped.join("; "),
                     earlier.path,
                     earlier.epoch,
                     earlier.batch
-                )));
+                ));
             }
         }
     }

@@ -182,6 +182,15 @@ impl Harness {
             .collect()
     }
 
+    /// The batches of the ledger's rollback lines, in file order.
+    fn rolled_back_batches(&self) -> Vec<u64> {
+        self.ledger_lines()
+            .iter()
+            .filter(|line| line.rolled_back)
+            .map(|line| line.batch)
+            .collect()
+    }
+
     fn events(&self) -> String {
         self.membership.status().recent_events.join("\n")
     }
@@ -240,12 +249,7 @@ fn a_regroup_resumes_at_the_last_complete_checkpoint_and_rolls_back_the_rest() {
     assert_eq!(harness.membership.resume_batch, 4);
     let reply = harness.membership.join_reply("w0", "").unwrap().unwrap();
     assert_eq!(reply.resume.unwrap().batch, 4);
-    let rolled: Vec<u64> = harness
-        .ledger_lines()
-        .iter()
-        .filter(|line| line.rolled_back)
-        .map(|line| line.batch)
-        .collect();
+    let rolled = harness.rolled_back_batches();
     assert_eq!(
         rolled,
         [4, 5, 4, 5],
@@ -599,6 +603,48 @@ fn a_checkpoint_that_names_another_and_nothing_to_fall_back_to_stops_the_coordin
         "{text}"
     );
     assert!(text.contains("no earlier complete checkpoint"), "{text}");
+}
+
+#[test]
+fn a_rank_that_cannot_resume_from_the_last_checkpoint_makes_the_job_fall_back() {
+    let mut harness = Harness::two_checkpoints();
+    let mut heartbeat = harness.heartbeat("w1", 1);
+    heartbeat.batches_done = 4;
+    heartbeat.error =
+        "weights.safetensors is 10 bytes but position.json records 99 (truncated or overwritten)"
+            .into();
+    heartbeat.unusable_checkpoint = "checkpoints/step-4".into();
+    let reply = harness.membership.heartbeat(&heartbeat).unwrap();
+    assert_eq!(reply.command, Command::Regroup as i32);
+    assert!(
+        reply.reason.contains("falling back to checkpoints/step-2"),
+        "{}",
+        reply.reason
+    );
+    let last = harness.membership.state.last_checkpoint.clone().unwrap();
+    assert_eq!(last.path, "checkpoints/step-2");
+    assert!(harness
+        .events()
+        .contains("rank 1: weights.safetensors is 10 bytes"));
+    // The group re-forms from batch 2, rolling back what was trained after it.
+    harness.join("w0", 0);
+    harness.join("w1", 1);
+    harness.clock.advance(Duration::from_secs(1));
+    harness.membership.tick().unwrap();
+    assert_eq!(harness.membership.resume_batch, 2);
+    let rolled = harness.rolled_back_batches();
+    assert_eq!(rolled, [2, 3, 2, 3]);
+    // Nothing older left: the next unusable report fails the job with the reasons.
+    let mut heartbeat = harness.heartbeat("w0", 0);
+    heartbeat.error = "position.json: missing".into();
+    heartbeat.unusable_checkpoint = "checkpoints/step-2".into();
+    let reply = harness.membership.heartbeat(&heartbeat).unwrap();
+    assert_eq!(reply.command, Command::Fail as i32, "{}", reply.reason);
+    assert!(
+        reply.reason.contains("no earlier complete checkpoint"),
+        "{}",
+        reply.reason
+    );
 }
 
 #[test]
