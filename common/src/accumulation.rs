@@ -11,6 +11,50 @@
 //! checkpoints it asks for while a plan runs. Workers use the same functions to know when a
 //! window closes, so both sides agree without talking.
 
+/// The batch arithmetic of a run at one world size: what `arbor plan epoch` and the
+/// coordinator print, because multi-GPU users keep getting it wrong in other trainers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TrainingScale {
+    pub world_size: u32,
+    /// Per-rank batch size.
+    pub bsz: u32,
+    pub grad_accum: u32,
+    /// Batches each rank trains per epoch.
+    pub batches_per_rank: u64,
+}
+
+impl TrainingScale {
+    /// Images per optimizer step: ranks × bsz × grad_accum.
+    pub fn global_batch(&self) -> u64 {
+        u64::from(self.world_size) * u64::from(self.bsz) * u64::from(self.grad_accum.max(1))
+    }
+
+    /// Optimizer steps per epoch: the last window of an epoch may be short and still steps.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.batches_per_rank
+            .div_ceil(u64::from(self.grad_accum.max(1)))
+    }
+
+    /// One line for logs and `arbor plan epoch`; `learning_rate` is `train.lr` as written.
+    pub fn describe(&self, learning_rate: Option<&str>) -> String {
+        let mut line = format!(
+            "global batch {} = {} rank(s) x bsz {} x grad_accum {}; {} optimizer step(s) per epoch",
+            self.global_batch(),
+            self.world_size,
+            self.bsz,
+            self.grad_accum.max(1),
+            self.steps_per_epoch()
+        );
+        if let Some(learning_rate) = learning_rate {
+            line.push_str(&format!(
+                "; learning rate {learning_rate} per optimizer step (not scaled by the global \
+                 batch)"
+            ));
+        }
+        line
+    }
+}
+
 /// Whether batch `index` (0-based) of a plan of `epoch_batches` batches closes its
 /// accumulation window of `grad_accum` micro-batches (`grad_accum` 0 is read as 1).
 pub fn closes_accumulation_window(index: u64, epoch_batches: u64, grad_accum: u32) -> bool {
@@ -81,6 +125,21 @@ pub fn scheduled_checkpoints(schedule: &CheckpointSchedule) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_training_scale_counts_images_per_step_and_steps_per_epoch() {
+        let scale = TrainingScale {
+            world_size: 8,
+            bsz: 4,
+            grad_accum: 3,
+            batches_per_rank: 100,
+        };
+        assert_eq!(scale.global_batch(), 96);
+        // 33 full windows and a short one of 1 batch.
+        assert_eq!(scale.steps_per_epoch(), 34);
+        let line = scale.describe(Some("1e-4"));
+        assert!(line.starts_with("global batch 96 = 8 rank(s) x bsz 4 x grad_accum 3; 34 optimizer step(s) per epoch; learning rate 1e-4"), "{line}");
+    }
 
     #[test]
     fn windows_close_every_grad_accum_batches_and_at_the_epoch_end() {

@@ -18,7 +18,7 @@ use crate::error::{invalid, CommonError};
 pub use crate::learning_rate::{LearningRate, ScheduleEntry};
 
 /// The sections of `job.toml`, in the order they are documented.
-pub const SECTIONS: [&str; 9] = [
+pub const SECTIONS: [&str; 10] = [
     "job",
     "data",
     "buckets",
@@ -27,6 +27,7 @@ pub const SECTIONS: [&str; 9] = [
     "model",
     "train",
     "hypernetwork",
+    "lora",
     "samples",
 ];
 
@@ -47,6 +48,8 @@ pub struct JobConfig {
     pub train: TrainSection,
     #[serde(default)]
     pub hypernetwork: HypernetworkSection,
+    #[serde(default)]
+    pub lora: LoraSection,
     #[serde(default)]
     pub samples: SamplesSection,
 }
@@ -79,6 +82,11 @@ pub struct DataSection {
     pub keep_tokens: u32,
     #[serde(default)]
     pub tag_dropout: f64,
+    /// The probability that an item's caption becomes empty for a step, which trains the
+    /// unconditional path classifier-free guidance samples from; drawn from the same
+    /// `(seed, epoch, item)` stream as the tag shuffle, so a replay drops the same captions.
+    #[serde(default)]
+    pub caption_dropout: f64,
     /// Batches each rank loads ahead of the one training (0: load each batch when it is due).
     #[serde(default = "default_prefetch_batches")]
     pub prefetch_batches: u32,
@@ -216,7 +224,8 @@ pub struct ModelSection {
     pub clip_skip: u32,
     pub max_chunks: u32,
     pub prediction_type: PredictionType,
-    /// In `finetune` mode, also train the CLIP text encoder.
+    /// Also train the CLIP text encoder: its weights in `finetune` mode, LoRA modules on its
+    /// attention and MLP layers in `lora` mode; refused in `hypernetwork` mode.
     pub train_text_encoder: bool,
     pub prompt_layout: PromptLayout,
 }
@@ -261,6 +270,13 @@ pub struct TrainSection {
     /// boundary, and writes them to `metrics.jsonl` as `phase_seconds`; 0 turns it off. The
     /// default, 10, times the steps whose loss is read back anyway.
     pub time_phases_every: u64,
+    /// Min-SNR loss weighting (Hang et al. 2023): each sample's loss is weighted by
+    /// min(SNR(t), γ)/SNR(t) for epsilon prediction and min(SNR(t), γ)/(SNR(t)+1) for
+    /// v-prediction, as diffusers' `train_text_to_image.py` does. Unset: off (5.0 is typical).
+    pub min_snr_gamma: Option<f64>,
+    /// Offset noise: `noise_offset · N(0, 1)` per sample and channel is added to the noise
+    /// (kohya's and diffusers' `--noise_offset`); 0 turns it off.
+    pub noise_offset: f64,
 }
 
 impl Default for TrainSection {
@@ -276,6 +292,8 @@ impl Default for TrainSection {
             ema_decay: 0.0,
             cache_latents: false,
             time_phases_every: 10,
+            min_snr_gamma: None,
+            noise_offset: 0.0,
         }
     }
 }
@@ -325,6 +343,82 @@ impl Default for HypernetworkSection {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    /// The rank of each linear (and 1x1 conv) module's LoRA.
+    pub rank: u32,
+    /// The LoRA's alpha; the update is scaled by alpha/rank. Unset: the rank (a scale of 1).
+    pub alpha: Option<f64>,
+    /// Dropout on the LoRA's down projection while training (kohya's `network_dropout`).
+    pub dropout: f64,
+    /// The rank of the 3x3 convolutions' LoRA (LoCon, `resnet_conv` target). Unset: `rank`.
+    pub conv_rank: Option<u32>,
+    /// The 3x3 convolutions' alpha. Unset: the conv rank.
+    pub conv_alpha: Option<f64>,
+    /// The UNet layers that get a LoRA; the text encoder's follow `model.train_text_encoder`.
+    pub targets: Vec<LoraTarget>,
+    /// The dtype of `exports/lora.safetensors` (kohya's `--save_precision`).
+    pub save_precision: SavePrecision,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            rank: 16,
+            alpha: None,
+            dropout: 0.0,
+            conv_rank: None,
+            conv_alpha: None,
+            targets: vec![LoraTarget::Attention],
+            save_precision: SavePrecision::Fp16,
+        }
+    }
+}
+
+impl LoraSection {
+    /// The linear modules' alpha (the rank when unset).
+    pub fn linear_alpha(&self) -> f64 {
+        self.alpha.unwrap_or(f64::from(self.rank))
+    }
+
+    /// The 3x3 convolutions' rank.
+    pub fn conv_rank(&self) -> u32 {
+        self.conv_rank.unwrap_or(self.rank)
+    }
+
+    /// The 3x3 convolutions' alpha (the conv rank when unset).
+    pub fn conv_alpha(&self) -> f64 {
+        self.conv_alpha.unwrap_or(f64::from(self.conv_rank()))
+    }
+}
+
+config_choice! {
+    /// The dtype of an exported LoRA (`lora.save_precision`).
+    #[derive(Default)]
+    pub enum SavePrecision("lora.save_precision") {
+        /// Half the size of fp32; what shared LoRA files use.
+        #[default]
+        Fp16 = "fp16",
+        Bf16 = "bf16",
+        Fp32 = "fp32",
+    }
+}
+
+config_choice! {
+    /// The UNet layers that get a LoRA (`lora.targets`).
+    pub enum LoraTarget("lora.targets") {
+        /// Every attention layer's `to_q`, `to_k`, `to_v` and `to_out.0`.
+        Attention = "attention",
+        /// The transformer blocks' GEGLU feed-forward (`ff.net.0.proj`, `ff.net.2`).
+        FeedForward = "feed_forward",
+        /// The transformers' `proj_in` and `proj_out`.
+        Projections = "projections",
+        /// The 3x3 convolutions of the ResNet blocks, downsamplers and upsamplers (LoCon).
+        ResnetConv = "resnet_conv",
+    }
+}
+
 config_choice! {
     /// What a run trains (`model.mode`).
     #[derive(Default)]
@@ -334,6 +428,9 @@ config_choice! {
         Hypernetwork = "hypernetwork",
         /// The UNet, plus the text encoder when `model.train_text_encoder`.
         Finetune = "finetune",
+        /// LoRA modules on the UNet layers of `lora.targets` (and on the text encoder when
+        /// `model.train_text_encoder`); the base weights are frozen.
+        Lora = "lora",
     }
 }
 
@@ -617,6 +714,46 @@ impl JobConfig {
         Ok(config)
     }
 
+    fn validate_lora(&self) -> Result<(), CommonError> {
+        let section = &self.lora;
+        if section.rank == 0 {
+            return Err(invalid("lora.rank", "must be at least 1"));
+        }
+        if section.conv_rank == Some(0) {
+            return Err(invalid("lora.conv_rank", "must be at least 1"));
+        }
+        for (field, alpha) in [
+            ("lora.alpha", section.alpha),
+            ("lora.conv_alpha", section.conv_alpha),
+        ] {
+            if let Some(alpha) = alpha {
+                if !(alpha.is_finite() && alpha > 0.0) {
+                    return Err(invalid(
+                        field,
+                        format!("must be a positive number, got {alpha}"),
+                    ));
+                }
+            }
+        }
+        if !(0.0..1.0).contains(&section.dropout) {
+            return Err(invalid("lora.dropout", "must be in [0, 1)"));
+        }
+        if self.model.mode == TrainingMode::Lora
+            && section.targets.is_empty()
+            && !self.model.train_text_encoder
+        {
+            return Err(invalid(
+                "lora.targets",
+                format!(
+                    "lora mode needs at least one of {} (or model.train_text_encoder for a text \
+                     encoder only LoRA)",
+                    <LoraTarget as ConfigChoice>::allowed()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_hypernetwork(&self) -> Result<(), CommonError> {
         let section = &self.hypernetwork;
         let structure = &section.layer_structure;
@@ -733,6 +870,9 @@ impl JobConfig {
         if !(0.0..1.0).contains(&self.data.tag_dropout) {
             return Err(invalid("data.tag_dropout", "must be in [0, 1)"));
         }
+        if !(0.0..=1.0).contains(&self.data.caption_dropout) {
+            return Err(invalid("data.caption_dropout", "must be in [0, 1]"));
+        }
         if !(0.0..=1.0).contains(&self.data.max_failed_fraction) {
             return Err(invalid(
                 "data.max_failed_fraction",
@@ -755,6 +895,13 @@ impl JobConfig {
             return Err(invalid("model.max_chunks", "must be at least 1"));
         }
         self.validate_hypernetwork()?;
+        self.validate_lora()?;
+        if self.model.mode == TrainingMode::Hypernetwork && self.model.train_text_encoder {
+            return Err(invalid(
+                "model.train_text_encoder",
+                "hypernetwork mode keeps the text encoder frozen (use finetune or lora mode)",
+            ));
+        }
         if !self.samples.hypernetwork_multiplier.is_finite() {
             return Err(invalid(
                 "samples.hypernetwork_multiplier",
@@ -776,6 +923,20 @@ impl JobConfig {
             return Err(invalid(
                 "train.weight_decay",
                 format!("must be a finite number >= 0, got {}", train.weight_decay),
+            ));
+        }
+        if let Some(gamma) = train.min_snr_gamma {
+            if !(gamma.is_finite() && gamma > 0.0) {
+                return Err(invalid(
+                    "train.min_snr_gamma",
+                    format!("must be a positive number (5.0 is typical), got {gamma}"),
+                ));
+            }
+        }
+        if !(train.noise_offset.is_finite() && train.noise_offset >= 0.0) {
+            return Err(invalid(
+                "train.noise_offset",
+                format!("must be 0 (off) or positive, got {}", train.noise_offset),
             ));
         }
         if !(0.0..1.0).contains(&train.ema_decay) {
@@ -1128,7 +1289,12 @@ mod tests {
                 "cluster.heartbeat_timeout_s",
             ),
             ("buckets.min_dim=4096", "min_dim"),
-            ("model.mode=lora", "model.mode"),
+            ("model.mode=dreambooth", "model.mode"),
+            ("lora.rank=0", "lora.rank"),
+            ("lora.conv_alpha=0", "lora.conv_alpha"),
+            ("data.caption_dropout=1.5", "data.caption_dropout"),
+            ("train.min_snr_gamma=-5", "train.min_snr_gamma"),
+            ("train.noise_offset=nan", "train.noise_offset"),
             ("data.tag_dropout=1.5", "data.tag_dropout"),
             ("data.prefetch_batches=65", "data.prefetch_batches"),
             ("data.max_failed_fraction=1.5", "data.max_failed_fraction"),

@@ -4,8 +4,10 @@ use std::io::{BufRead, BufWriter, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use arbor_common::accumulation::TrainingScale;
 use arbor_common::assign::{Assigner, BucketedItems};
 use arbor_common::buckets::BucketTable;
+use arbor_common::learning_rate::LearningRate;
 use arbor_common::plan::EpochPlan;
 use arbor_common::sampler::BatchBucket;
 use arbor_common::summary::PlanSummary;
@@ -67,6 +69,13 @@ pub struct EpochArgs {
     /// Also list every rank's batches (bucket, resolution and item ids).
     #[arg(long)]
     batches: bool,
+    /// Micro-batches per optimizer step (`schedule.grad_accum`), for the global batch and the
+    /// optimizer steps per epoch.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    grad_accum: u32,
+    /// The learning rate (`train.lr`), to print beside the global batch it applies to.
+    #[arg(long)]
+    lr: Option<String>,
 }
 
 pub fn run(command: PlanCommand) -> anyhow::Result<ExitCode> {
@@ -204,10 +213,23 @@ fn plan_epoch(args: &EpochArgs) -> anyhow::Result<ExitCode> {
     let (items, skipped_lines) = load_bucketed_manifest(&args.manifest, &assigner)?;
     let plan = EpochPlan::new(items.len(), args.epoch.params())?;
     let summary = PlanSummary::compute(&items, table, &plan)?;
+    if let Some(lr) = &args.lr {
+        LearningRate::parse(lr).context("--lr")?;
+    }
+    let scale = TrainingScale {
+        world_size: args.epoch.world_size,
+        bsz: args.epoch.bsz,
+        grad_accum: args.grad_accum,
+        batches_per_rank: summary.batches_per_rank,
+    };
     let mut out = BufWriter::new(std::io::stdout().lock());
     if args.json {
         let mut value = serde_json::to_value(&summary)?;
         value["skipped_manifest_lines"] = json!(skipped_lines);
+        value["global_batch"] = json!(scale.global_batch());
+        value["grad_accum"] = json!(scale.grad_accum);
+        value["steps_per_epoch"] = json!(scale.steps_per_epoch());
+        value["learning_rate"] = json!(args.lr);
         if args.batches {
             value["ranks"] = rank_batches_json(&items, table, &plan)?;
         }
@@ -215,6 +237,7 @@ fn plan_epoch(args: &EpochArgs) -> anyhow::Result<ExitCode> {
         writeln!(out)?;
     } else {
         write_report(&mut out, &summary, table, skipped_lines)?;
+        writeln!(out, "\n{}", scale.describe(args.lr.as_deref()))?;
         if args.batches {
             write_batches(&mut out, &items, table, &plan)?;
         }

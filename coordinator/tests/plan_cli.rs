@@ -192,6 +192,54 @@ fn epoch_summary_is_consistent_and_batches_partition_the_kept_items() {
         }
     }
     assert_eq!(seen.len(), 192);
+    // Without --grad-accum: one micro-batch per optimizer step.
+    assert_eq!(summary["global_batch"], 12);
+    assert_eq!(summary["steps_per_epoch"], 16);
+}
+
+#[test]
+fn plan_epoch_prints_the_global_batch_steps_per_epoch_and_learning_rate() {
+    let records: Vec<String> = (0..96).map(|id| record(id, 512, 512)).collect();
+    let manifest = write_manifest(&records);
+    let plan = |extra: &[&str]| {
+        arbor()
+            .args(["plan", "epoch", "--manifest"])
+            .arg(manifest.path())
+            .args(["--bsz", "4", "--world-size", "2", "--grad-accum", "5"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let output = plan(&["--lr", "1e-4"]);
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // 96 items over 2 ranks of bsz 4: 12 batches per rank, windows of 5 → 3 steps.
+    assert!(
+        stdout.contains(
+            "global batch 40 = 2 rank(s) x bsz 4 x grad_accum 5; 3 optimizer step(s) per epoch; \
+             learning rate 1e-4 per optimizer step"
+        ),
+        "{stdout}"
+    );
+    let json: Value = serde_json::from_slice(&plan(&["--lr", "1e-4", "--json"]).stdout).unwrap();
+    assert_eq!(
+        (
+            &json["global_batch"],
+            &json["steps_per_epoch"],
+            &json["learning_rate"]
+        ),
+        (&Value::from(40), &Value::from(3), &Value::from("1e-4"))
+    );
+    let refused = plan(&["--lr", "fast"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--lr"));
+    let zero = arbor()
+        .args(["plan", "epoch", "--manifest"])
+        .arg(manifest.path())
+        .args(["--bsz", "4", "--world-size", "2", "--grad-accum", "0"])
+        .output()
+        .unwrap();
+    assert!(!zero.status.success());
 }
 
 #[test]

@@ -11,6 +11,11 @@
 
 use tch::{nn, nn::Module, Tensor};
 
+use crate::layer_adapter::{
+    adaptable_conv2d, adaptable_linear, module_path, AdaptableConv2d, AdaptableLayers,
+    AdaptableLinear, AdaptableSite, LayerRole,
+};
+
 /// Where an attention layer sits in the UNet, for transforms that weight layers by depth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UNetBlockPosition {
@@ -51,17 +56,13 @@ pub struct LayerPlacement {
     pub resolution_level: usize,
 }
 
-fn path_name(vs: &nn::Path) -> String {
-    vs.components().collect::<Vec<_>>().join(".")
-}
-
 /// diffusers' `Attention` (AttnProcessor2_0) without biases on q/k/v and with a biased `to_out.0`.
 #[derive(Debug)]
 pub struct Attention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: AdaptableLinear,
+    to_k: AdaptableLinear,
+    to_v: AdaptableLinear,
+    to_out: AdaptableLinear,
     info: AttentionLayerInfo,
 }
 
@@ -81,12 +82,20 @@ impl Attention {
             ..Default::default()
         };
         let key_value_dim = context_dim.unwrap_or(query_dim);
-        let to_q = nn::linear(&vs / "to_q", query_dim, inner_dim, no_bias);
-        let to_k = nn::linear(&vs / "to_k", key_value_dim, inner_dim, no_bias);
-        let to_v = nn::linear(&vs / "to_v", key_value_dim, inner_dim, no_bias);
-        let to_out = nn::linear(&vs / "to_out" / 0, inner_dim, query_dim, Default::default());
+        let projection = |path: &nn::Path, from: i64, to: i64, config: nn::LinearConfig| {
+            adaptable_linear(path, LayerRole::AttentionProjection, from, to, config)
+        };
+        let to_q = projection(&(&vs / "to_q"), query_dim, inner_dim, no_bias);
+        let to_k = projection(&(&vs / "to_k"), key_value_dim, inner_dim, no_bias);
+        let to_v = projection(&(&vs / "to_v"), key_value_dim, inner_dim, no_bias);
+        let to_out = projection(
+            &(&vs / "to_out" / 0),
+            inner_dim,
+            query_dim,
+            Default::default(),
+        );
         let info = AttentionLayerInfo {
-            name: path_name(&vs),
+            name: module_path(&vs),
             query_dim,
             context_dim: key_value_dim,
             is_cross_attention: context_dim.is_some(),
@@ -131,6 +140,14 @@ impl Attention {
     }
 }
 
+impl AdaptableLayers for Attention {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        for layer in [&self.to_q, &self.to_k, &self.to_v, &self.to_out] {
+            sites.push(layer.site());
+        }
+    }
+}
+
 /// Splits [B, N, H·D] into heads, runs scaled_dot_product_attention, merges back.
 fn multi_head_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: i64) -> Tensor {
     let (batch, query_len, inner_dim) = query.size3().expect("attention query is [B, N, C]");
@@ -155,20 +172,18 @@ fn multi_head_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: i64
 /// hidden · GELU(gate), net.2 back to dim.
 #[derive(Debug)]
 pub struct GegluFeedForward {
-    proj: nn::Linear,
-    out: nn::Linear,
+    proj: AdaptableLinear,
+    out: AdaptableLinear,
 }
 
 impl GegluFeedForward {
     pub fn new(vs: nn::Path, dim: i64, mult: i64) -> Self {
         let inner_dim = dim * mult;
-        let proj = nn::linear(
-            &vs / "net" / 0 / "proj",
-            dim,
-            inner_dim * 2,
-            Default::default(),
-        );
-        let out = nn::linear(&vs / "net" / 2, inner_dim, dim, Default::default());
+        let linear = |path: &nn::Path, from: i64, to: i64| {
+            adaptable_linear(path, LayerRole::FeedForward, from, to, Default::default())
+        };
+        let proj = linear(&(&vs / "net" / 0 / "proj"), dim, inner_dim * 2);
+        let out = linear(&(&vs / "net" / 2), inner_dim, dim);
         Self { proj, out }
     }
 
@@ -177,6 +192,13 @@ impl GegluFeedForward {
         let halves = projected.chunk(2, -1);
         let gated = &halves[0] * halves[1].gelu("none");
         self.out.forward(&gated)
+    }
+}
+
+impl AdaptableLayers for GegluFeedForward {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        sites.push(self.proj.site());
+        sites.push(self.out.site());
     }
 }
 
@@ -240,6 +262,14 @@ impl BasicTransformerBlock {
     }
 }
 
+impl AdaptableLayers for BasicTransformerBlock {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        self.attn1.adaptable_sites(sites);
+        self.attn2.adaptable_sites(sites);
+        self.ff.adaptable_sites(sites);
+    }
+}
+
 /// Settings of one `Transformer2DModel`.
 #[derive(Debug, Clone, Copy)]
 pub struct Transformer2DConfig {
@@ -254,8 +284,17 @@ pub struct Transformer2DConfig {
 
 #[derive(Debug)]
 enum Projection {
-    Conv(nn::Conv2D),
-    Linear(nn::Linear),
+    Conv(AdaptableConv2d),
+    Linear(AdaptableLinear),
+}
+
+impl Projection {
+    fn site(&self) -> AdaptableSite<'_> {
+        match self {
+            Projection::Conv(conv) => conv.site(),
+            Projection::Linear(linear) => linear.site(),
+        }
+    }
 }
 
 /// diffusers' `Transformer2DModel` for continuous inputs.
@@ -280,10 +319,19 @@ impl Transformer2DModel {
             },
         );
         let projection = |name: &str, from: i64, to: i64| {
+            let path = &vs / name;
+            let role = LayerRole::TransformerProjection;
             if config.use_linear_projection {
-                Projection::Linear(nn::linear(&vs / name, from, to, Default::default()))
+                Projection::Linear(adaptable_linear(&path, role, from, to, Default::default()))
             } else {
-                Projection::Conv(nn::conv2d(&vs / name, from, to, 1, Default::default()))
+                Projection::Conv(adaptable_conv2d(
+                    &path,
+                    role,
+                    from,
+                    to,
+                    1,
+                    Default::default(),
+                ))
             }
         };
         let proj_in = projection("proj_in", config.in_channels, inner_dim);
@@ -348,6 +396,14 @@ impl Transformer2DModel {
             .iter()
             .flat_map(|block| block.attention_layers())
             .collect()
+    }
+}
+
+impl AdaptableLayers for Transformer2DModel {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        sites.push(self.proj_in.site());
+        self.transformer_blocks.adaptable_sites(sites);
+        sites.push(self.proj_out.site());
     }
 }
 

@@ -13,6 +13,9 @@ use tch::{nn, nn::Module, Kind, Tensor};
 
 use crate::error::{Result, WorkerError};
 use crate::json_file::read_json;
+use crate::layer_adapter::{
+    adaptable_linear, AdaptableLayers, AdaptableLinear, AdaptableSite, LayerRole,
+};
 use crate::prompt::{join_chunk_states, split_chunks, PromptLayout, FRAMED_CHUNK_TOKENS};
 
 /// NovelAI's default: the penultimate layer.
@@ -92,17 +95,25 @@ impl ClipTextConfig {
 
 #[derive(Debug)]
 struct ClipAttention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    out_proj: nn::Linear,
+    q_proj: AdaptableLinear,
+    k_proj: AdaptableLinear,
+    v_proj: AdaptableLinear,
+    out_proj: AdaptableLinear,
     heads: i64,
 }
 
 impl ClipAttention {
     fn new(vs: nn::Path, config: &ClipTextConfig) -> Self {
         let width = config.hidden_size;
-        let linear = |name: &str| nn::linear(&vs / name, width, width, Default::default());
+        let linear = |name: &str| {
+            adaptable_linear(
+                &(&vs / name),
+                LayerRole::TextEncoder,
+                width,
+                width,
+                Default::default(),
+            )
+        };
         Self {
             q_proj: linear("q_proj"),
             k_proj: linear("k_proj"),
@@ -142,8 +153,8 @@ struct ClipEncoderLayer {
     layer_norm1: nn::LayerNorm,
     self_attn: ClipAttention,
     layer_norm2: nn::LayerNorm,
-    fc1: nn::Linear,
-    fc2: nn::Linear,
+    fc1: AdaptableLinear,
+    fc2: AdaptableLinear,
     activation: ClipActivation,
 }
 
@@ -158,14 +169,16 @@ impl ClipEncoderLayer {
             layer_norm1: nn::layer_norm(&vs / "layer_norm1", vec![width], norm_config),
             self_attn: ClipAttention::new(&vs / "self_attn", config),
             layer_norm2: nn::layer_norm(&vs / "layer_norm2", vec![width], norm_config),
-            fc1: nn::linear(
-                &vs / "mlp" / "fc1",
+            fc1: adaptable_linear(
+                &(&vs / "mlp" / "fc1"),
+                LayerRole::TextEncoder,
                 width,
                 config.intermediate_size,
                 Default::default(),
             ),
-            fc2: nn::linear(
-                &vs / "mlp" / "fc2",
+            fc2: adaptable_linear(
+                &(&vs / "mlp" / "fc2"),
+                LayerRole::TextEncoder,
                 config.intermediate_size,
                 width,
                 Default::default(),
@@ -185,6 +198,22 @@ impl ClipEncoderLayer {
     }
 }
 
+impl AdaptableLayers for ClipEncoderLayer {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        let attention = &self.self_attn;
+        for layer in [
+            &attention.q_proj,
+            &attention.k_proj,
+            &attention.v_proj,
+            &attention.out_proj,
+            &self.fc1,
+            &self.fc2,
+        ] {
+            sites.push(layer.site());
+        }
+    }
+}
+
 /// transformers' CLIPTextModel, without the pooled output (SD conditions on the hidden states).
 #[derive(Debug)]
 pub struct ClipTextModel {
@@ -193,6 +222,12 @@ pub struct ClipTextModel {
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: nn::LayerNorm,
     config: ClipTextConfig,
+}
+
+impl AdaptableLayers for ClipTextModel {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        self.layers.adaptable_sites(sites);
+    }
 }
 
 impl ClipTextModel {

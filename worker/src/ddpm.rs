@@ -248,6 +248,34 @@ impl DdpmSchedule {
         sqrt_alpha * noise - sqrt_one_minus_alpha * x0
     }
 
+    /// The signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) per sample [B], fp32, on `timesteps`' device
+    /// (diffusers' `compute_snr`).
+    pub fn snr(&self, timesteps: &Tensor) -> Tensor {
+        let device = timesteps.device();
+        let table = self
+            .alphas_cumprod_on_device
+            .as_ref()
+            .filter(|table| table.device() == device)
+            .unwrap_or(&self.alphas_cumprod);
+        let selected = table
+            .to_device(device)
+            .to_kind(Kind::Float)
+            .index_select(0, &timesteps.reshape([-1]));
+        &selected / (selected.neg() + 1.0)
+    }
+
+    /// Min-SNR-γ loss weights per sample [B] (Hang et al. 2023, as diffusers'
+    /// `train_text_to_image.py` computes them): min(SNR, γ)/SNR for epsilon prediction,
+    /// min(SNR, γ)/(SNR + 1) for v-prediction.
+    pub fn min_snr_weights(&self, timesteps: &Tensor, gamma: f64) -> Tensor {
+        let snr = self.snr(timesteps);
+        let clamped = snr.clamp_max(gamma);
+        match self.config.prediction_type {
+            PredictionType::Epsilon => clamped / snr,
+            PredictionType::VPrediction => clamped / (snr + 1.0),
+        }
+    }
+
     /// What the UNet is trained to predict under the configured prediction type.
     pub fn training_target(&self, x0: &Tensor, noise: &Tensor, timesteps: &Tensor) -> Tensor {
         match self.config.prediction_type {

@@ -11,6 +11,8 @@ pub mod embeddings;
 pub mod error;
 pub mod hypernetwork;
 pub mod json_file;
+pub mod layer_adapter;
+pub mod lora;
 pub mod model_components;
 pub mod probe;
 pub mod prompt;

@@ -16,6 +16,8 @@ use arbor_runtime::runtime::run_worker;
 use arbor_runtime::worker_args::{spawn_local_ranks, WorkerArgs};
 use arbor_worker::clip::DEFAULT_CLIP_SKIP;
 use arbor_worker::device::{device_name, DeviceChoice};
+use arbor_worker::lora::kohya_file::read_kohya_file;
+use arbor_worker::lora::merge::merge_lora;
 use arbor_worker::probe::{run_probe, ProbeOptions};
 use arbor_worker::prompt::{PromptFraming, DEFAULT_MAX_CHUNKS};
 use arbor_worker::tokenizer::ClipTokenizer;
@@ -103,6 +105,22 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Merges a kohya-format LoRA (`exports/lora.safetensors`) into a model and writes a
+    /// single-file LDM safetensors that loads like any other export.
+    MergeLora {
+        /// The base model: a diffusers folder or a single-file LDM safetensors.
+        #[arg(long)]
+        model: PathBuf,
+        /// The LoRA file (kohya-ss/sd-scripts' layout).
+        #[arg(long)]
+        lora: PathBuf,
+        /// The single-file safetensors to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The LoRA's strength (AUTOMATIC1111's `<lora:name:scale>`).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+    },
 }
 
 /// `--device`.
@@ -184,6 +202,12 @@ fn run(command: Command) -> Result<std::process::ExitCode> {
             diffusers.as_deref(),
             config.as_deref(),
         ),
+        Command::MergeLora {
+            model,
+            lora,
+            out,
+            scale,
+        } => merge_lora_command(&model, &lora, &out, scale),
     };
     outcome.map(|()| std::process::ExitCode::SUCCESS)
 }
@@ -352,5 +376,36 @@ fn export(
         export_diffusers(&components, config_source, out_dir)?;
         info!(out_dir = %out_dir.display(), "diffusers export written");
     }
+    Ok(())
+}
+
+/// `arbor-worker merge-lora`.
+fn merge_lora_command(model: &Path, lora: &Path, out: &Path, scale: f64) -> Result<()> {
+    if !scale.is_finite() {
+        bail!("--scale must be a finite number, got {scale}");
+    }
+    let source = ModelSource::open(model)?;
+    let read = source.read_components(&Component::ALL)?;
+    let mut components: BTreeMap<Component, NamedTensors> = read
+        .into_iter()
+        .map(|(component, tensors)| (component, tensors.tensors))
+        .collect();
+    let (modules, _metadata) = read_kohya_file(lora)?;
+    let report = merge_lora(&mut components, &modules, scale)
+        .with_context(|| format!("merging {}", lora.display()))?;
+    export_single_file(&components, out)?;
+    info!(
+        path = %out.display(),
+        unet_modules = report.unet_modules,
+        text_encoder_modules = report.text_encoder_modules,
+        scale,
+        "merged model written"
+    );
+    println!(
+        "merged {} unet and {} text encoder lora modules (scale {scale}) into {}",
+        report.unet_modules,
+        report.text_encoder_modules,
+        out.display()
+    );
     Ok(())
 }

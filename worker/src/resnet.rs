@@ -3,6 +3,10 @@
 
 use tch::{nn, nn::Module, Tensor};
 
+use crate::layer_adapter::{
+    adaptable_conv2d, AdaptableConv2d, AdaptableLayers, AdaptableSite, LayerRole,
+};
+
 /// Shape and normalisation settings of one `ResnetBlock2D`.
 #[derive(Debug, Clone, Copy)]
 pub struct ResnetBlock2DConfig {
@@ -20,10 +24,10 @@ pub struct ResnetBlock2DConfig {
 #[derive(Debug)]
 pub struct ResnetBlock2D {
     norm1: nn::GroupNorm,
-    conv1: nn::Conv2D,
+    conv1: AdaptableConv2d,
     time_emb_proj: Option<nn::Linear>,
     norm2: nn::GroupNorm,
-    conv2: nn::Conv2D,
+    conv2: AdaptableConv2d,
     conv_shortcut: Option<nn::Conv2D>,
     output_scale_factor: f64,
 }
@@ -44,8 +48,9 @@ impl ResnetBlock2D {
             config.in_channels,
             norm_config,
         );
-        let conv1 = nn::conv2d(
-            &vs / "conv1",
+        let conv1 = adaptable_conv2d(
+            &(&vs / "conv1"),
+            LayerRole::ResnetConv,
             config.in_channels,
             config.out_channels,
             3,
@@ -65,8 +70,9 @@ impl ResnetBlock2D {
             config.out_channels,
             norm_config,
         );
-        let conv2 = nn::conv2d(
-            &vs / "conv2",
+        let conv2 = adaptable_conv2d(
+            &(&vs / "conv2"),
+            LayerRole::ResnetConv,
             config.out_channels,
             config.out_channels,
             3,
@@ -109,5 +115,12 @@ impl ResnetBlock2D {
             return output;
         }
         output / self.output_scale_factor
+    }
+}
+
+impl AdaptableLayers for ResnetBlock2D {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        sites.push(self.conv1.site());
+        sites.push(self.conv2.site());
     }
 }

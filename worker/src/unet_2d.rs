@@ -7,6 +7,7 @@ use tch::{nn, nn::Module, Tensor};
 use crate::attention::{AttentionLayerInfo, KvContextTransform, LayerPlacement, UNetBlockPosition};
 use crate::embeddings::{TimestepEmbedding, TimestepProjection};
 use crate::error::{Result, WorkerError};
+use crate::layer_adapter::{AdaptableLayers, AdaptableSite};
 pub use crate::unet_2d_config::{DownBlockType, UNet2DConditionConfig, UpBlockType};
 use crate::unet_blocks::{DownBlock, DownBlockConfig, MidBlockCrossAttn, UpBlock, UpBlockConfig};
 
@@ -269,5 +270,13 @@ impl UNet2DConditionModel {
         }
         let hidden = self.conv_norm_out.forward(&hidden).silu();
         self.conv_out.forward(&hidden)
+    }
+}
+
+impl AdaptableLayers for UNet2DConditionModel {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        self.down_blocks.adaptable_sites(sites);
+        self.mid_block.adaptable_sites(sites);
+        self.up_blocks.adaptable_sites(sites);
     }
 }

@@ -8,20 +8,24 @@ use tch::{nn, nn::Module, Tensor};
 use crate::attention::{
     AttentionLayerInfo, KvContextTransform, LayerPlacement, Transformer2DConfig, Transformer2DModel,
 };
+use crate::layer_adapter::{
+    adaptable_conv2d, AdaptableConv2d, AdaptableLayers, AdaptableSite, LayerRole,
+};
 use crate::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 
 /// diffusers' `Downsample2D` with `use_conv=True` (weights under `conv`): a 3x3 stride-2 conv;
 /// with padding 0 the input is first padded by one on the right and bottom (the VAE's layout).
 #[derive(Debug)]
 pub struct Downsample2D {
-    conv: nn::Conv2D,
+    conv: AdaptableConv2d,
     pad_right_bottom: bool,
 }
 
 impl Downsample2D {
     pub fn new(vs: nn::Path, channels: i64, padding: i64) -> Self {
-        let conv = nn::conv2d(
-            &vs / "conv",
+        let conv = adaptable_conv2d(
+            &(&vs / "conv"),
+            LayerRole::ResnetConv,
             channels,
             channels,
             3,
@@ -49,13 +53,14 @@ impl Downsample2D {
 /// then a 3x3 conv.
 #[derive(Debug)]
 pub struct Upsample2D {
-    conv: nn::Conv2D,
+    conv: AdaptableConv2d,
 }
 
 impl Upsample2D {
     pub fn new(vs: nn::Path, channels: i64) -> Self {
-        let conv = nn::conv2d(
-            &vs / "conv",
+        let conv = adaptable_conv2d(
+            &(&vs / "conv"),
+            LayerRole::ResnetConv,
             channels,
             channels,
             3,
@@ -74,6 +79,18 @@ impl Upsample2D {
         });
         self.conv
             .forward(&input.upsample_nearest2d(size, None, None))
+    }
+}
+
+impl AdaptableLayers for Downsample2D {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        sites.push(self.conv.site());
+    }
+}
+
+impl AdaptableLayers for Upsample2D {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        sites.push(self.conv.site());
     }
 }
 
@@ -219,6 +236,14 @@ impl DownBlock {
     }
 }
 
+impl AdaptableLayers for DownBlock {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        self.resnets.adaptable_sites(sites);
+        self.attentions.adaptable_sites(sites);
+        self.downsampler.adaptable_sites(sites);
+    }
+}
+
 /// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) pairs.
 #[derive(Debug)]
 pub struct MidBlockCrossAttn {
@@ -278,6 +303,13 @@ impl MidBlockCrossAttn {
             .iter()
             .flat_map(|attention| attention.attention_layers())
             .collect()
+    }
+}
+
+impl AdaptableLayers for MidBlockCrossAttn {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        self.resnets.adaptable_sites(sites);
+        self.attentions.adaptable_sites(sites);
     }
 }
 
@@ -395,5 +427,13 @@ impl UpBlock {
             .iter()
             .flat_map(|attention| attention.attention_layers())
             .collect()
+    }
+}
+
+impl AdaptableLayers for UpBlock {
+    fn adaptable_sites<'a>(&'a self, sites: &mut Vec<AdaptableSite<'a>>) {
+        self.resnets.adaptable_sites(sites);
+        self.attentions.adaptable_sites(sites);
+        self.upsampler.adaptable_sites(sites);
     }
 }

@@ -2,7 +2,9 @@
 //! `keep_tokens`, `caption_tag_dropout_rate`): the caption is split on `,` into tags, each
 //! trimmed, empty ones dropped; the first `keep_tokens` tags stay in place; the rest are
 //! shuffled (when `shuffle`) and then each dropped with probability `tag_dropout`; the result
-//! is joined with `", "`.
+//! is joined with `", "`. With `caption_dropout` (kohya's `caption_dropout_rate`) the whole
+//! caption is first replaced by the empty one with that probability, which trains the
+//! unconditional path that classifier-free guidance samples from.
 //!
 //! The randomness is a ChaCha8 stream seeded from `(seed, epoch, item_id)` alone, so an item's
 //! caption in an epoch is the same whichever rank draws it and whatever the world size, and a
@@ -13,12 +15,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// How captions are augmented (config `data.tag_shuffle`, `data.keep_tokens`,
-/// `data.tag_dropout`).
+/// `data.tag_dropout`, `data.caption_dropout`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaptionAugment {
     pub shuffle: bool,
     pub keep_tokens: u32,
     pub tag_dropout: f64,
+    pub caption_dropout: f64,
 }
 
 /// Distinguishes this stream from any other ChaCha stream seeded from the same triple.
@@ -41,11 +44,17 @@ impl CaptionAugment {
             shuffle: data.tag_shuffle,
             keep_tokens: data.keep_tokens,
             tag_dropout: data.tag_dropout,
+            caption_dropout: data.caption_dropout,
         }
     }
 
     /// The caption of `item_id` in `epoch`, augmented.
     pub fn apply(&self, caption: &str, seed: u64, epoch: u64, item_id: u64) -> String {
+        let mut rng = item_rng(seed, epoch, item_id);
+        // Drawn only when on, so runs without caption dropout keep their shuffles.
+        if self.caption_dropout > 0.0 && rng.random::<f64>() < self.caption_dropout {
+            return String::new();
+        }
         let mut tags: Vec<&str> = caption
             .split(',')
             .map(str::trim)
@@ -53,7 +62,6 @@ impl CaptionAugment {
             .collect();
         let keep = (self.keep_tokens as usize).min(tags.len());
         let flexible = &mut tags[keep..];
-        let mut rng = item_rng(seed, epoch, item_id);
         if self.shuffle {
             flexible.shuffle(&mut rng);
         }

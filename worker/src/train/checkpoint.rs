@@ -491,6 +491,17 @@ pub fn safetensors_bytes(
     tensors: &[(String, Tensor)],
     count: Option<u64>,
 ) -> std::result::Result<Vec<u8>, String> {
+    let metadata =
+        count.map(|count| HashMap::from([(STEP_COUNT_METADATA.to_string(), count.to_string())]));
+    safetensors_bytes_with_metadata(tensors, metadata)
+}
+
+/// Serialises named tensors (any device, any layout) to safetensors bytes with the given
+/// `__metadata__` strings. The values round-trip bit for bit.
+pub fn safetensors_bytes_with_metadata(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> std::result::Result<Vec<u8>, String> {
     let mut seen = std::collections::HashSet::new();
     let mut prepared = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
@@ -508,8 +519,6 @@ pub fn safetensors_bytes(
         let shape = cpu.size().iter().map(|&dim| dim as usize).collect();
         prepared.push((name.clone(), TensorBytes { dtype, shape, data }));
     }
-    let metadata =
-        count.map(|count| HashMap::from([(STEP_COUNT_METADATA.to_string(), count.to_string())]));
     safetensors::tensor::serialize(
         prepared.iter().map(|(name, bytes)| (name.as_str(), bytes)),
         &metadata,

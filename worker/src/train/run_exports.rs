@@ -7,7 +7,9 @@
 //!   base model, so only when the base model is a diffusers folder);
 //! - `hypernetwork`: `exports/hypernetwork.pt` (AUTOMATIC1111's format, which ComfyUI's
 //!   hypernetwork loader reads too). No safetensors form is written: AUTOMATIC1111 never lists
-//!   one, and ComfyUI lists it but loads it as an empty patch without a warning.
+//!   one, and ComfyUI lists it but loads it as an empty patch without a warning;
+//! - `lora`: `exports/lora.safetensors` in kohya-ss/sd-scripts' layout with its `ss_*` metadata
+//!   (worker/src/lora/kohya_file.rs), which AUTOMATIC1111, ComfyUI and diffusers load.
 //!
 //! With EMA on, the exported trainable weights are the EMA shadow. Files are written into a
 //! local temporary folder first and then put into the run directory one by one, so an
@@ -20,8 +22,10 @@ use tracing::{info, warn};
 
 use crate::error::{Result, WorkerError};
 use crate::hypernetwork::pt_writer::PtDtype;
+pub use crate::lora::kohya_file::TrainingRecord;
+use crate::lora::kohya_file::{kohya_metadata, write_kohya_file};
 use crate::train::run_dir::RunDir;
-use crate::train::training_model::{TrainingMode, TrainingModel, HYPERNETWORK_PREFIX};
+use crate::train::training_model::{TrainingMode, TrainingModel, HYPERNETWORK_PREFIX, LORA_PREFIX};
 use crate::weights::export::{export_diffusers, export_single_file};
 
 /// The folder of the final exports; an export asked for during the run (`arbor checkpoint
@@ -30,6 +34,7 @@ pub const EXPORTS_PREFIX: &str = "exports";
 pub const SINGLE_FILE_EXPORT: &str = "model.safetensors";
 pub const DIFFUSERS_EXPORT: &str = "diffusers";
 pub const HYPERNETWORK_PT_EXPORT: &str = "hypernetwork.pt";
+pub const LORA_EXPORT: &str = "lora.safetensors";
 
 /// The run-directory folder of the export at `step`.
 pub fn step_exports_prefix(step: u64) -> String {
@@ -84,17 +89,20 @@ fn put_tree(run_dir: &RunDir, local: &Path, prefix: &str) -> Result<Vec<String>>
 
 /// Writes the mode's exports under `folder` of the run directory ([`EXPORTS_PREFIX`] or
 /// [`step_exports_prefix`]); `ema` (prefixed trainable names) replaces the trained weights when
-/// given. Returns the keys written.
+/// given; `record` says how the weights were trained (the LoRA file's metadata). Returns the
+/// keys written.
 pub fn write_exports(
     run_dir: &RunDir,
     folder: &str,
     model: &TrainingModel,
     ema: Option<&[(String, Tensor)]>,
+    record: &TrainingRecord<'_>,
 ) -> Result<Vec<String>> {
     let staging = StagingDir::new()?;
     let keys = match model.mode {
         TrainingMode::Finetune => export_finetune(run_dir, folder, model, ema, &staging.0)?,
         TrainingMode::Hypernetwork => export_hypernetwork(run_dir, folder, model, ema, &staging.0)?,
+        TrainingMode::Lora => export_lora(run_dir, folder, model, ema, &staging.0, record)?,
     };
     info!(
         files = keys.len(),
@@ -168,6 +176,42 @@ fn export_hypernetwork(
     }
     let bytes = std::fs::read(&pt).map_err(WorkerError::io(&pt))?;
     let key = format!("{folder}/{HYPERNETWORK_PT_EXPORT}");
+    run_dir.put(&key, bytes)?;
+    Ok(vec![key])
+}
+
+fn export_lora(
+    run_dir: &RunDir,
+    folder: &str,
+    model: &TrainingModel,
+    ema: Option<&[(String, Tensor)]>,
+    staging: &Path,
+    record: &TrainingRecord<'_>,
+) -> Result<Vec<String>> {
+    let Some(lora) = model.lora.as_ref() else {
+        return Err(WorkerError::Training(
+            "lora mode without a lora network".to_string(),
+        ));
+    };
+    let shadow: Option<Vec<(String, Tensor)>> = ema.map(|shadow| {
+        shadow
+            .iter()
+            .filter_map(|(name, tensor)| {
+                let name = name.strip_prefix(LORA_PREFIX)?;
+                Some((name.to_string(), tensor.shallow_clone()))
+            })
+            .collect()
+    });
+    let tensors = lora.kohya_tensors(shadow.as_deref());
+    let path = staging.join(LORA_EXPORT);
+    write_kohya_file(
+        &path,
+        &tensors,
+        record.config.lora.save_precision,
+        kohya_metadata(lora, record),
+    )?;
+    let bytes = std::fs::read(&path).map_err(WorkerError::io(&path))?;
+    let key = format!("{folder}/{LORA_EXPORT}");
     run_dir.put(&key, bytes)?;
     Ok(vec![key])
 }

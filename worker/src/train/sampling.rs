@@ -79,7 +79,14 @@ pub fn render_samples(
         hypernetwork.train = false;
         hypernetwork.multiplier = settings.hypernetwork_multiplier;
     }
+    let lora_was_training = model.lora.as_ref().map(|lora| lora.is_training());
+    if let Some(lora) = &model.lora {
+        lora.set_training(false);
+    }
     let rendered = tch::no_grad(|| render(model, settings, step));
+    if let (Some(lora), Some(training)) = (&model.lora, lora_was_training) {
+        lora.set_training(training);
+    }
     if let (Some(hypernetwork), Some((train, multiplier))) = (model.hypernetwork.as_mut(), was) {
         hypernetwork.train = train;
         hypernetwork.multiplier = multiplier;

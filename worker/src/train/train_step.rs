@@ -2,7 +2,7 @@
 //! mean-squared error against the schedule's target (epsilon, or v for v-prediction) — the loss
 //! diffusers' training scripts use — then backpropagate into every trainable variable.
 
-use tch::{nn, Reduction, Tensor};
+use tch::{nn, Kind, Reduction, Tensor};
 
 use crate::attention::KvContextTransform;
 use crate::ddpm::DdpmSchedule;
@@ -36,6 +36,18 @@ pub fn diffusion_loss(
     batch: &DiffusionBatch,
     kv_transform: Option<&dyn KvContextTransform>,
 ) -> Result<DiffusionLoss> {
+    weighted_diffusion_loss(unet, schedule, batch, kv_transform, None)
+}
+
+/// [`diffusion_loss`] with min-SNR-γ weighting when `min_snr_gamma` is set: each sample's mean
+/// squared error times [`DdpmSchedule::min_snr_weights`], then the mean over the batch.
+pub fn weighted_diffusion_loss(
+    unet: &UNet2DConditionModel,
+    schedule: &DdpmSchedule,
+    batch: &DiffusionBatch,
+    kv_transform: Option<&dyn KvContextTransform>,
+    min_snr_gamma: Option<f64>,
+) -> Result<DiffusionLoss> {
     let latents_shape = batch.latents.size();
     if batch.noise.size() != latents_shape {
         return Err(WorkerError::Input {
@@ -56,7 +68,17 @@ pub fn diffusion_loss(
         kv_transform,
     )?;
     let target = schedule.training_target(batch.latents, batch.noise, batch.timesteps);
-    let loss = prediction.mse_loss(&target, Reduction::Mean);
+    let loss = match min_snr_gamma {
+        None => prediction.mse_loss(&target, Reduction::Mean),
+        Some(gamma) => {
+            let squared = (prediction.to_kind(Kind::Float) - target.to_kind(Kind::Float)).square();
+            let dims: Vec<i64> = (1..squared.dim() as i64).collect();
+            let per_sample = squared.mean_dim(dims.as_slice(), false, Kind::Float);
+            let weights =
+                schedule.min_snr_weights(&batch.timesteps.to_device(per_sample.device()), gamma);
+            (per_sample * weights).mean(Kind::Float)
+        }
+    };
     Ok(DiffusionLoss { noisy, loss })
 }
 

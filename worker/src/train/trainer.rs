@@ -21,7 +21,7 @@
 //! Errors come back as strings: a collective error makes the runtime report it to the
 //! coordinator, which regroups.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,10 +52,12 @@ use crate::train::lr_schedule::LrSchedule;
 use crate::train::metrics_log::{MetricsLog, StepMetrics, TokenLengthHistogram};
 use crate::train::phase_clock::{Phase, PhaseClock, PhaseSeconds};
 use crate::train::run_dir::RunDir;
-use crate::train::run_exports::{step_exports_prefix, write_exports, EXPORTS_PREFIX};
+use crate::train::run_exports::{
+    step_exports_prefix, write_exports, TrainingRecord, EXPORTS_PREFIX,
+};
 use crate::train::sampling::{write_loss_curve, write_samples, SampleSettings};
 use crate::train::tensorboard::{tags, TensorBoardLog};
-use crate::train::training_model::TrainingModel;
+use crate::train::training_model::{TrainingMode, TrainingModel};
 
 /// Optimizer steps between rewrites of `metrics.jsonl` and flushes of the TensorBoard log (both
 /// are also flushed at checkpoints, samples and the end).
@@ -192,6 +194,8 @@ pub struct TchTrainer {
     position: RankPosition,
     /// Optimizer steps done.
     step: u64,
+    /// Epochs begun (the 0-based epoch of the last batch trained, plus one).
+    epochs_begun: u64,
     window: Window,
     pending: PendingSteps,
     last_sampled_step: Option<u64>,
@@ -272,6 +276,7 @@ impl TchTrainer {
             store: None,
             position: RankPosition::default(),
             step: 0,
+            epochs_begun: 0,
             window: Window::default(),
             pending: PendingSteps::default(),
             last_sampled_step: None,
@@ -547,13 +552,14 @@ impl TchTrainer {
             device,
         )?;
         tch::manual_seed(batch_seed(seed, batch.epoch, batch.index, rank));
+        self.epochs_begun = batch.epoch + 1;
         let model = &session.model;
         let mut token_lengths = TokenLengthHistogram::default();
         let context = model.encode_prompts(&inputs.captions, Some(&mut token_lengths))?;
         self.window.histogram.merge(&token_lengths);
         let latents = model.encode_images(&inputs.pixels);
         clock.lap(Phase::Encode);
-        let noise = latents.randn_like();
+        let noise = model.training_noise(&latents);
         let batch_size = latents.size()[0];
         let timesteps = Tensor::randint(
             model.schedule.num_train_timesteps(),
@@ -913,21 +919,63 @@ impl TchTrainer {
             logs.flush()?;
             write_loss_curve(&session.run_dir, &logs.metrics.loss_history())?;
         }
-        let keys = write_session_exports(session, EXPORTS_PREFIX)?;
+        let record = training_record(session, step, self.epochs_begun, self.position.world_size);
+        let keys = write_session_exports(session, EXPORTS_PREFIX, &record)?;
         info!(step, exports = ?keys, run_dir = session.run_dir.location(), "training finished");
         Ok(())
     }
 }
 
 /// The session's exports under `folder`, with the EMA weights when EMA is on.
-fn write_session_exports(session: &Session, folder: &str) -> Result<Vec<String>> {
+fn write_session_exports(
+    session: &Session,
+    folder: &str,
+    record: &TrainingRecord<'_>,
+) -> Result<Vec<String>> {
     let ema_shadow = session.ema.as_ref().map(|ema| shallow_clones(ema.shadow()));
     write_exports(
         &session.run_dir,
         folder,
         &session.model,
         ema_shadow.as_deref(),
+        record,
     )
+}
+
+/// What the exports record about a run's training so far.
+fn training_record<'a>(
+    session: &'a Session,
+    step: u64,
+    epochs_begun: u64,
+    world_size: u32,
+) -> TrainingRecord<'a> {
+    let wants_tags = session.model.mode == TrainingMode::Lora;
+    TrainingRecord {
+        config: &session.config,
+        step,
+        epoch: epochs_begun,
+        tag_frequency: wants_tags
+            .then(|| dataset_tag_frequency(&session.config))
+            .flatten(),
+        world_size: world_size.max(1),
+    }
+}
+
+/// How often each comma-separated tag occurs in the captions of a manifest readable from here;
+/// `None` for a remote or unreadable manifest.
+fn dataset_tag_frequency(config: &JobConfig) -> Option<BTreeMap<String, u64>> {
+    let file = std::fs::File::open(&config.data.manifest).ok()?;
+    let manifest = arbor_common::manifest::read_manifest(std::io::BufReader::new(file)).ok()?;
+    let mut frequency = BTreeMap::new();
+    for record in &manifest.records {
+        for tag in record.caption.split(',') {
+            let tag = tag.trim();
+            if !tag.is_empty() {
+                *frequency.entry(tag.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    Some(frequency)
 }
 
 fn unix_time_now() -> f64 {
@@ -1032,7 +1080,8 @@ impl Trainer for TchTrainer {
             .as_ref()
             .ok_or_else(|| not_started().to_string())?;
         let folder = step_exports_prefix(step);
-        let keys = write_session_exports(session, &folder)
+        let record = training_record(session, step, self.epochs_begun, self.position.world_size);
+        let keys = write_session_exports(session, &folder, &record)
             .map_err(|error| format!("exporting at step {step}: {error}"))?;
         info!(step, exports = ?keys, run_dir = session.run_dir.location(), "exports written on request");
         Ok(())

@@ -4,10 +4,14 @@
 //! trainable:
 //!
 //! - `finetune`: the UNet, plus the text encoder when `model.train_text_encoder`;
-//! - `hypernetwork`: only the hypernetwork modules; CLIP, UNet and VAE are frozen.
+//! - `hypernetwork`: only the hypernetwork modules; CLIP, UNet and VAE are frozen;
+//! - `lora`: only the LoRA modules (worker/src/lora/) on the UNet layers of `lora.targets`, and on
+//!   the text encoder's with `model.train_text_encoder`; CLIP, UNet and VAE are frozen, and on
+//!   CUDA with bf16 the frozen UNet and text encoder are held in bf16.
 //!
-//! Trainable tensors are named `unet.<name>`, `text_encoder.<name>` and `hypernetwork.<name>`,
-//! so one flat list serves AdamW, EMA, checkpoints and the gradient all-reduce.
+//! Trainable tensors are named `unet.<name>`, `text_encoder.<name>`, `hypernetwork.<name>` and
+//! `lora.<kohya name>`, so one flat list serves AdamW, EMA, checkpoints and the gradient
+//! all-reduce.
 //!
 //! Mixed precision: on CUDA with `train.mixed_precision = "bf16"` the forward passes run under
 //! libtorch's autocast with bf16 as the CUDA autocast dtype (parameters and optimizer state stay
@@ -30,11 +34,16 @@ use crate::error::{Result, WorkerError};
 use crate::hypernetwork::module::HypernetworkStructure;
 use crate::hypernetwork::shallow_penalty::ShallowPenalty;
 use crate::hypernetwork::{Hypernetwork, HypernetworkInfo};
+use crate::layer_adapter::AdaptableLayers;
+use crate::lora::{
+    unet_roles, AdaptedComponent, LoraNetwork, LoraSettings, KOHYA_TEXT_ENCODER_PREFIX,
+    KOHYA_UNET_PREFIX,
+};
 use crate::model_components::ModelComponents;
 use crate::prompt::{PromptFraming, PromptLayout};
 use crate::tokenizer::ClipTokenizer;
 use crate::train::metrics_log::TokenLengthHistogram;
-use crate::train::train_step::{diffusion_loss, DiffusionBatch};
+use crate::train::train_step::{weighted_diffusion_loss, DiffusionBatch};
 use crate::unet_2d::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
 use crate::weights::export::NamedTensors;
@@ -43,6 +52,7 @@ use crate::weights::Component;
 pub const UNET_PREFIX: &str = "unet.";
 pub const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
 pub const HYPERNETWORK_PREFIX: &str = "hypernetwork.";
+pub const LORA_PREFIX: &str = "lora.";
 
 /// The components of a run, loaded once per process.
 pub struct TrainingModel {
@@ -62,9 +72,17 @@ pub struct TrainingModel {
     pub vae: AutoencoderKL,
     pub schedule: DdpmSchedule,
     pub hypernetwork: Option<Hypernetwork>,
+    pub lora: Option<LoraNetwork>,
+    /// The text encoder's own weights train (`finetune` mode with `model.train_text_encoder`).
     pub train_text_encoder: bool,
+    /// The text encoder runs with gradient: its weights or its LoRA modules train.
+    text_encoder_in_graph: bool,
     /// bf16 autocast around the forward passes (CUDA only).
     pub autocast_bf16: bool,
+    /// `train.min_snr_gamma`: min-SNR-γ loss weighting, when set.
+    pub min_snr_gamma: Option<f64>,
+    /// `train.noise_offset`: the strength of offset noise (0: none).
+    pub noise_offset: f64,
 }
 
 impl std::fmt::Debug for TrainingModel {
@@ -126,19 +144,49 @@ impl TrainingModel {
         let mut schedule = DdpmSchedule::new(&scheduler_config);
         schedule.keep_on(device);
         let train_text_encoder = mode == TrainingMode::Finetune && config.model.train_text_encoder;
+        let lora_text_encoder = mode == TrainingMode::Lora && config.model.train_text_encoder;
         vae_store.freeze();
         if !train_text_encoder {
             text_encoder_store.freeze();
         }
+        let autocast_bf16 =
+            device.is_cuda() && config.train.mixed_precision == MixedPrecision::Bf16;
         let hypernetwork = match mode {
-            TrainingMode::Finetune => None,
+            TrainingMode::Finetune | TrainingMode::Lora => None,
             TrainingMode::Hypernetwork => {
                 unet_store.freeze();
                 Some(build_hypernetwork(config, device)?)
             }
         };
-        let autocast_bf16 =
-            device.is_cuda() && config.train.mixed_precision == MixedPrecision::Bf16;
+        let lora = match mode {
+            TrainingMode::Finetune | TrainingMode::Hypernetwork => None,
+            TrainingMode::Lora => {
+                unet_store.freeze();
+                if autocast_bf16 {
+                    // Frozen weights need no fp32 master copy; autocast runs in bf16 anyway.
+                    unet_store.bfloat16();
+                    text_encoder_store.bfloat16();
+                }
+                let mut components = vec![AdaptedComponent {
+                    kohya_prefix: KOHYA_UNET_PREFIX,
+                    sites: unet.all_adaptable_sites(),
+                    roles: unet_roles(&config.lora.targets),
+                }];
+                if lora_text_encoder {
+                    components.push(AdaptedComponent {
+                        kohya_prefix: KOHYA_TEXT_ENCODER_PREFIX,
+                        sites: text_encoder.all_adaptable_sites(),
+                        roles: vec![crate::layer_adapter::LayerRole::TextEncoder],
+                    });
+                }
+                tch::manual_seed(config.job.seed as i64);
+                Some(LoraNetwork::attach(
+                    &components,
+                    LoraSettings::from_section(&config.lora),
+                    device,
+                )?)
+            }
+        };
         if autocast_bf16 {
             // tch's `autocast` has no dtype argument and libtorch's CUDA default is fp16.
             set_autocast_dtype(AutocastDevice::Cuda, Kind::BFloat16)
@@ -160,8 +208,12 @@ impl TrainingModel {
             vae,
             schedule,
             hypernetwork,
+            lora,
             train_text_encoder,
+            text_encoder_in_graph: train_text_encoder || lora_text_encoder,
             autocast_bf16,
+            min_snr_gamma: config.train.min_snr_gamma,
+            noise_offset: config.train.noise_offset,
         };
         let trainable = model.trainable();
         let trainable_elements: i64 = trainable
@@ -188,6 +240,11 @@ impl TrainingModel {
                 .map(|hypernetwork| {
                     prefixed_variables(hypernetwork.var_store(), HYPERNETWORK_PREFIX)
                 })
+                .unwrap_or_default(),
+            TrainingMode::Lora => self
+                .lora
+                .as_ref()
+                .map(|lora| prefixed_variables(lora.var_store(), LORA_PREFIX))
                 .unwrap_or_default(),
             TrainingMode::Finetune => {
                 let mut trainable = prefixed_variables(&self.unet_store, UNET_PREFIX);
@@ -241,7 +298,7 @@ impl TrainingModel {
                     .encode_chunked(framed, self.clip_skip, self.prompt_layout)
             })
         };
-        if self.train_text_encoder {
+        if self.text_encoder_in_graph {
             encode()
         } else {
             tch::no_grad(encode)
@@ -255,6 +312,19 @@ impl TrainingModel {
             let posterior = self.autocast(|| self.vae.encode(pixels));
             posterior.sample().to_kind(Kind::Float) * self.vae.scaling_factor()
         })
+    }
+
+    /// The noise of a training step for `latents` [B, C, H, W], from the global RNG: N(0, 1),
+    /// plus `noise_offset · N(0, 1)` per sample and channel when offset noise is on (the form
+    /// diffusers' and kohya's training scripts use).
+    pub fn training_noise(&self, latents: &Tensor) -> Tensor {
+        let noise = latents.randn_like();
+        if self.noise_offset == 0.0 {
+            return noise;
+        }
+        let size = latents.size();
+        let offset = Tensor::randn([size[0], size[1], 1, 1], (latents.kind(), latents.device()));
+        noise + offset * self.noise_offset
     }
 
     /// The diffusion loss of one micro-batch (plus the hypernetwork's optional depth-weighted
@@ -276,8 +346,15 @@ impl TrainingModel {
             timesteps,
             encoder_hidden_states: context,
         };
-        let loss =
-            self.autocast(|| diffusion_loss(&self.unet, &self.schedule, &batch, kv_transform))?;
+        let loss = self.autocast(|| {
+            weighted_diffusion_loss(
+                &self.unet,
+                &self.schedule,
+                &batch,
+                kv_transform,
+                self.min_snr_gamma,
+            )
+        })?;
         let loss = loss.loss.to_kind(Kind::Float);
         Ok(match &self.hypernetwork {
             Some(hypernetwork) => loss + hypernetwork.take_l2_penalty().to_kind(Kind::Float),

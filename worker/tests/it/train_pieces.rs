@@ -518,7 +518,55 @@ fn augment(shuffle: bool, keep_tokens: u32, tag_dropout: f64) -> CaptionAugment 
         shuffle,
         keep_tokens,
         tag_dropout,
+        caption_dropout: 0.0,
     }
+}
+
+#[test]
+fn caption_dropout_empties_that_fraction_of_captions_and_replays_exactly() {
+    let augmenter = CaptionAugment {
+        caption_dropout: 0.25,
+        ..augment(true, 1, 0.0)
+    };
+    let items = 4000u64;
+    let results: Vec<String> = (0..items)
+        .map(|item| augmenter.apply(CAPTION, 42, 1, item))
+        .collect();
+    let dropped = results.iter().filter(|caption| caption.is_empty()).count();
+    let fraction = dropped as f64 / items as f64;
+    // Binomial(4000, 0.25): standard deviation 0.0068; 0.03 is over four of them.
+    assert!(
+        (fraction - 0.25).abs() < 0.03,
+        "dropped fraction {fraction}"
+    );
+    for (item, result) in results.iter().enumerate().take(200) {
+        assert_eq!(
+            &augmenter.apply(CAPTION, 42, 1, item as u64),
+            result,
+            "item {item} does not replay"
+        );
+    }
+    // Another epoch drops other items.
+    let next_epoch: Vec<bool> = (0..items)
+        .map(|item| augmenter.apply(CAPTION, 42, 2, item).is_empty())
+        .collect();
+    let same = results
+        .iter()
+        .zip(&next_epoch)
+        .filter(|(caption, dropped)| caption.is_empty() == **dropped)
+        .count();
+    assert!(same < items as usize * 9 / 10, "epochs drop the same items");
+    // Off, nothing is dropped.
+    let off = augment(true, 1, 0.0);
+    for item in 0..200 {
+        let caption = off.apply(CAPTION, 42, 1, item);
+        assert!(!caption.is_empty());
+    }
+    let all = CaptionAugment {
+        caption_dropout: 1.0,
+        ..augment(false, 0, 0.0)
+    };
+    assert_eq!(all.apply(CAPTION, 1, 1, 1), "");
 }
 
 fn tags(caption: &str) -> Vec<&str> {

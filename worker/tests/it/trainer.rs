@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use arbor_common::buckets::Bucket;
-use arbor_common::config::JobConfig;
+use arbor_common::config::{JobConfig, LoraTarget};
 use arbor_common::sampler::BatchBucket;
 use arbor_runtime::trainer::{Batch, BatchItem, GroupInfo, Trainer};
 use arbor_worker::hypernetwork::pt_reader::read_pt;
+use arbor_worker::lora::kohya_file::read_kohya_file;
 use arbor_worker::train::checkpoint::{checkpoint_key, mark_complete_without_coordinator};
 use arbor_worker::train::metrics_log::StepMetrics;
 use arbor_worker::train::run_dir::RunDir;
@@ -339,6 +340,107 @@ fn finetune_mode_trains_the_unet_and_exports_single_file_and_diffusers() {
         .run_dir
         .join("exports/diffusers/unet/config.json")
         .is_file());
+}
+
+#[test]
+fn lora_mode_trains_only_the_lora_resumes_exactly_and_exports_a_kohya_file() {
+    let _serial = serial();
+    let fixture = fixture();
+    let mut config = config(&fixture, "lora", "ema_decay = 0.9\nmin_snr_gamma = 5.0");
+    config.model.train_text_encoder = true;
+    config.lora.rank = 4;
+    config.lora.targets = vec![LoraTarget::Attention, LoraTarget::ResnetConv];
+    let mut trainer = trainer();
+    trainer.start(&solo("", 0), &config).unwrap();
+    let model = trainer.model().unwrap();
+    let unet_before = snapshot(&model.unet_store);
+    let clip_before = snapshot(&model.text_encoder_store);
+    let trainable_names: Vec<String> = trainer
+        .trainable()
+        .unwrap()
+        .iter()
+        .map(|(name, _)| name.clone())
+        .collect();
+    assert!(trainable_names.iter().all(|name| name.starts_with("lora.")));
+    assert!(trainable_names
+        .iter()
+        .any(|name| name.starts_with("lora.lora_te_text_model_encoder_layers_0_mlp_fc1.")));
+    trainer.train_batch(&batch(0, BATCHES[0])).unwrap();
+    trainer.export(1).unwrap();
+    trainer.train_batch(&batch(1, BATCHES[1])).unwrap();
+    trainer.checkpoint(2, 0, 2).unwrap();
+    let at_checkpoint = trainable_snapshot(&trainer);
+    trainer.train_batch(&batch(2, BATCHES[2])).unwrap();
+    let after_three = trainable_snapshot(&trainer);
+    let model = trainer.model().unwrap();
+    assert_eq!(max_change(&unet_before, &snapshot(&model.unet_store)), 0.0);
+    assert_eq!(
+        max_change(&clip_before, &snapshot(&model.text_encoder_store)),
+        0.0
+    );
+    assert!(max_change(&at_checkpoint, &after_three) > 0.0);
+
+    // A restarted process resumes to the checkpoint's LoRA and optimizer state exactly.
+    let key = checkpoint_key(2);
+    let run_dir = RunDir::open(fixture.run_dir.to_str().unwrap()).unwrap();
+    mark_complete_without_coordinator(&run_dir, &key).unwrap();
+    let mut restarted = self::trainer();
+    restarted.start(&solo(&key, 2), &config).unwrap();
+    assert_eq!(
+        max_change(&at_checkpoint, &trainable_snapshot(&restarted)),
+        0.0
+    );
+    restarted.train_batch(&batch(2, BATCHES[2])).unwrap();
+    assert!(max_change(&after_three, &trainable_snapshot(&restarted)) < 1e-6);
+    restarted.finish().unwrap();
+    assert_png(&fixture.run_dir.join("samples/step-2.png"));
+
+    // The export: only lora.safetensors, kohya's layout and metadata, the EMA weights.
+    for folder in ["exports/step-1", "exports"] {
+        let listed: Vec<String> = std::fs::read_dir(fixture.run_dir.join(folder))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.starts_with("step-"))
+            .collect();
+        assert_eq!(listed, ["lora.safetensors"], "{folder}");
+    }
+    let (modules, metadata) =
+        read_kohya_file(&fixture.run_dir.join("exports/lora.safetensors")).unwrap();
+    assert_eq!(modules.len() * 2, trainable_names.len());
+    assert!(modules
+        .iter()
+        .all(|module| module.down.kind() == tch::Kind::Half));
+    for (key, value) in [
+        ("ss_network_module", "networks.lora"),
+        ("ss_network_dim", "4"),
+        ("ss_network_alpha", "4"),
+        ("ss_base_model_version", "sd_v1"),
+        ("ss_steps", "3"),
+        ("ss_epoch", "1"),
+        ("ss_resolution", "(32, 32)"),
+        ("ss_min_snr_gamma", "5"),
+        ("modelspec.architecture", "stable-diffusion-v1/lora"),
+    ] {
+        assert_eq!(metadata.get(key).map(String::as_str), Some(value), "{key}");
+    }
+    let network_args: serde_json::Value =
+        serde_json::from_str(&metadata["ss_network_args"]).unwrap();
+    assert_eq!(network_args["conv_dim"], "4");
+    let tags: serde_json::Value = serde_json::from_str(&metadata["ss_tag_frequency"]).unwrap();
+    assert_eq!(tags["trainer-test"]["1girl"], 1);
+    let (early, early_metadata) =
+        read_kohya_file(&fixture.run_dir.join("exports/step-1/lora.safetensors")).unwrap();
+    assert_eq!(early_metadata["ss_steps"], "1");
+    assert_eq!(early.len(), modules.len());
+    // With EMA on, the export is the shadow, not the live weights.
+    let live = trainable_snapshot(&restarted);
+    let module = &modules[0];
+    let live_up = &live[&format!("lora.{}.lora_up.weight", module.name)];
+    let exported_up = module.up.to_kind(tch::Kind::Float);
+    assert!(
+        (live_up - &exported_up).abs().max().double_value(&[]) > 1e-4,
+        "the export holds the live weights, not the EMA shadow"
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use arbor_common::accumulation::{scheduled_checkpoints, CheckpointSchedule};
+use arbor_common::accumulation::{scheduled_checkpoints, CheckpointSchedule, TrainingScale};
 use arbor_common::plan::{ConsumedSet, EpochPlan, PlanParams};
 use arbor_proto::v1::{JoinReply, ResumePoint};
 
@@ -291,6 +291,13 @@ impl Membership {
             self.current_segment(),
             self.resume_batch
         ));
+        let scale = TrainingScale {
+            world_size,
+            bsz: self.config.schedule.bsz,
+            grad_accum: self.config.schedule.grad_accum,
+            batches_per_rank: self.plan.as_ref().map_or(0, |plan| plan.batches_per_rank()),
+        };
+        self.event(scale.describe(Some(&self.config.train.lr)));
         self.persist()?;
         self.run_store
             .write("job.toml", self.config.to_toml().as_bytes())
