@@ -97,6 +97,17 @@ pub struct DataSection {
     /// The items (per rank, most recent) over which `max_failed_fraction` is counted.
     #[serde(default = "default_failure_window")]
     pub failure_window: u32,
+    /// A manifest of validation items (keys resolved like the training manifest's); items with
+    /// the same id are left out of training.
+    #[serde(default)]
+    pub validation_manifest: Option<String>,
+    /// Hold this fraction of the manifest's items out of training for the validation loss,
+    /// picked by a hash of the item id, so the same items stay out as the dataset grows; 0 = off.
+    #[serde(default)]
+    pub validation_fraction: f64,
+    /// The most validation items evaluated (those with the smallest id hashes).
+    #[serde(default = "default_validation_max_items")]
+    pub validation_max_items: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -549,6 +560,10 @@ pub struct SamplesSection {
     pub sampler: SamplerKind,
     /// The hypernetwork's strength in sample grids (A1111's multiplier; training always uses 1).
     pub hypernetwork_multiplier: f64,
+    /// Every this many optimizer steps, the mean loss on the validation items (at fixed
+    /// timesteps and noise) when `data.validation_manifest` or `data.validation_fraction` is
+    /// set; 0 = never.
+    pub validation_every: u64,
 }
 
 impl Default for SamplesSection {
@@ -561,6 +576,7 @@ impl Default for SamplesSection {
             guidance: 7.0,
             sampler: SamplerKind::Ddim,
             hypernetwork_multiplier: 1.0,
+            validation_every: 100,
         }
     }
 }
@@ -591,6 +607,11 @@ fn default_true() -> bool {
     true
 }
 impl DataSection {
+    /// Whether the job has validation items (a validation manifest or a held-out fraction).
+    pub fn has_validation(&self) -> bool {
+        self.validation_manifest.is_some() || self.validation_fraction > 0.0
+    }
+
     /// Where the manifest's keys are resolved: `data.root`, else the manifest's folder (`.` for
     /// a bare file name).
     pub fn dataset_root(&self) -> String {
@@ -614,6 +635,10 @@ fn default_max_failed_fraction() -> f64 {
 
 fn default_failure_window() -> u32 {
     1000
+}
+
+fn default_validation_max_items() -> u32 {
+    256
 }
 
 fn default_prefetch_batches() -> u32 {
@@ -878,6 +903,15 @@ impl JobConfig {
                 "data.max_failed_fraction",
                 "must be in [0, 1] (1 turns the data failure budget off)",
             ));
+        }
+        if !(0.0..1.0).contains(&self.data.validation_fraction) {
+            return Err(invalid(
+                "data.validation_fraction",
+                "must be in [0, 1) (0 turns held-out validation items off)",
+            ));
+        }
+        if self.data.validation_max_items == 0 {
+            return Err(invalid("data.validation_max_items", "must be at least 1"));
         }
         if self.data.failure_window == 0 {
             return Err(invalid("data.failure_window", "must be at least 1 item"));

@@ -24,5 +24,6 @@ pub mod plan;
 pub mod sampler;
 pub mod stream;
 pub mod summary;
+pub mod validation;
 
 pub use error::CommonError;

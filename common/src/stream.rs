@@ -38,6 +38,8 @@ pub enum StreamDomain {
     Crop = 0x6372_6f70_6f66_6631,
     /// Caption tag shuffling and dropout: `(seed, epoch, item id)`.
     Caption = 0x6361_7074_696f_6e31,
+    /// Held-out validation items: `(item id)` alone, so a grown dataset keeps its split.
+    Validation = 0x7661_6c69_6461_7431,
 }
 
 /// SplitMix64's output function applied to `x + golden gamma`.

@@ -115,6 +115,8 @@ pub fn status_json(reply: &StatusReply, now: SystemTime) -> serde_json::Value {
             "epoch": c.epoch, "segment": c.segment, "batch": c.batch, "step": c.step, "path": c.checkpoint,
         })),
         "progress": reply.progress.as_ref().map(progress_json),
+        "validation_loss": reply.validation_loss,
+        "validation_step": reply.validation_loss.map(|_| reply.validation_step),
         "workers": workers,
         "recent_events": reply.recent_events,
         "events": reply.events.iter().map(|event| {
@@ -175,6 +177,13 @@ fn write_status(out: &mut impl Write, reply: &StatusReply, now: SystemTime) -> a
         writeln!(out, "failure: {}", reply.failure)?;
     }
     write_progress(out, reply)?;
+    if let Some(loss) = reply.validation_loss {
+        writeln!(
+            out,
+            "validation loss {loss:.5} at step {}",
+            reply.validation_step
+        )?;
+    }
     match &reply.last_checkpoint {
         Some(c) => writeln!(
             out,

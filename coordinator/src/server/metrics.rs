@@ -34,6 +34,7 @@ pub struct Metrics {
     pub refused_requests: Family<ReasonLabel, Counter>,
     pub shard_items_streamed: Counter,
     pub learning_rate: Gauge<f64, AtomicU64>,
+    pub validation_loss: Gauge<f64, AtomicU64>,
     pub prompts: Family<TokensLabel, Counter>,
     pub non_finite_losses: Counter,
     pub planned_steps: Gauge,
@@ -60,6 +61,7 @@ impl Metrics {
             refused_requests: Family::default(),
             shard_items_streamed: Counter::default(),
             learning_rate: Gauge::default(),
+            validation_loss: Gauge::default(),
             prompts: Family::default(),
             non_finite_losses: Counter::default(),
             planned_steps: Gauge::default(),
@@ -119,6 +121,11 @@ impl Metrics {
             "learning_rate",
             "Learning rate of rank 0's latest batch",
             metrics.learning_rate.clone(),
+        );
+        registry.register(
+            "validation_loss",
+            "Mean loss on the validation items at fixed timesteps and noise, latest measured",
+            metrics.validation_loss.clone(),
         );
         registry.register(
             "prompts",

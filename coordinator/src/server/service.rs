@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 use super::membership::requests::{CheckpointReport, ShardAsk, WorkerHeartbeat, WorkerJoin};
 use super::membership::{Membership, MembershipError, RefusalCode};
 use super::metrics::Metrics;
-use crate::dataset::Dataset;
+use crate::dataset::{Dataset, ValidationItem};
 
 /// Items per streamed chunk.
 pub const SHARD_CHUNK_ITEMS: usize = 1024;
@@ -207,6 +207,11 @@ impl Coordinator for CoordinatorService {
             start_batch: source.start_batch,
             seed: source.plan.params().seed,
             checkpoint_batches: source.checkpoint_batches.to_vec(),
+            validation_items: rank_validation_items(
+                &self.shared.dataset.validation,
+                ask.member.rank,
+                source.plan.params().world_size,
+            ),
         };
         let (sender, receiver) = mpsc::channel(8);
         let dataset = self.shared.dataset.clone();
@@ -307,4 +312,25 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<StatusReply>, Status> {
         Ok(Response::new(self.shared.lock().status()))
     }
+}
+
+/// Rank `rank`'s share of the validation items: every `world_size`-th, from its index.
+fn rank_validation_items(
+    validation: &[ValidationItem],
+    rank: u32,
+    world_size: u32,
+) -> Vec<ShardItem> {
+    validation
+        .iter()
+        .skip(rank as usize)
+        .step_by(world_size.max(1) as usize)
+        .map(|item| ShardItem {
+            id: item.record.id,
+            bucket: u32::from(item.bucket),
+            key: item.record.key.clone(),
+            caption: item.record.caption.clone(),
+            width: item.record.width,
+            height: item.record.height,
+        })
+        .collect()
 }

@@ -55,6 +55,8 @@ pub struct Progress {
     pub job_failure: String,
     /// The checkpoint this rank could not resume from (with `error` saying why).
     pub unusable_checkpoint: String,
+    /// The latest validation loss and its step (rank 0), sent with every heartbeat.
+    pub validation: Option<(f64, u64)>,
     pub control: Option<Control>,
     /// The latest checkpoint the coordinator asked for (COMMAND_CHECKPOINT).
     pub requested_checkpoint: Option<RequestedCheckpoint>,
@@ -91,6 +93,8 @@ pub async fn send_heartbeat(client: &Client, worker_id: &str, progress: &SharedP
             data_wait_seconds: std::mem::take(&mut state.data_wait_seconds),
             learning_rate: state.learning_rate,
             token_length_counts: std::mem::take(&mut state.token_length_counts).to_vec(),
+            validation_loss: state.validation.map(|(loss, _)| loss),
+            validation_step: state.validation.map_or(0, |(_, step)| step),
         };
         (request, sent)
     };

@@ -19,7 +19,7 @@ use crate::data_failure_budget::DataFailureBudget;
 use crate::error::RuntimeError;
 use crate::heartbeat::{heartbeat_loop, send_heartbeat, Control, Progress, SharedProgress};
 use crate::restart::{inherited_worker_id, restart_count, ProcessRestart};
-use crate::trainer::{Batch, BatchItem, BatchOutcome, GroupInfo, Trainer};
+use crate::trainer::{Batch, BatchItem, BatchOutcome, GroupInfo, Trainer, ValidationItem};
 
 /// How this process joins a job.
 #[derive(Debug, Clone)]
@@ -512,6 +512,35 @@ impl GroupRun<'_> {
         Ok(sampler)
     }
 
+    /// This rank's validation items of the shard header, at their buckets' resolutions.
+    fn validation_items(&self, header: &ShardHeader) -> Result<Vec<ValidationItem>, RuntimeError> {
+        header
+            .validation_items
+            .iter()
+            .map(|item| {
+                let resolution = u16::try_from(item.bucket)
+                    .ok()
+                    .and_then(|bucket| self.table.get(bucket))
+                    .ok_or_else(|| {
+                        RuntimeError::InvalidShard(format!(
+                            "validation item {} names bucket {}, which the table lacks",
+                            item.id, item.bucket
+                        ))
+                    })?;
+                Ok(ValidationItem {
+                    item: BatchItem {
+                        id: item.id,
+                        key: item.key.clone(),
+                        caption: item.caption.clone(),
+                        width: item.width,
+                        height: item.height,
+                    },
+                    resolution,
+                })
+            })
+            .collect()
+    }
+
     /// Trains the shard's batches from its start batch; `Some` when the group or job ended.
     fn train_epoch(&mut self, epoch: u64, shard: &Shard) -> Result<Option<GroupEnd>, RuntimeError> {
         let header = &shard.header;
@@ -526,6 +555,8 @@ impl GroupRun<'_> {
             start_batch = header.start_batch,
             "shard received"
         );
+        self.trainer
+            .validation_items(&self.validation_items(header)?);
         {
             let mut state = lock(&self.progress);
             state.epoch = epoch;
@@ -668,6 +699,9 @@ impl GroupRun<'_> {
             0.8 * state.items_per_second + 0.2 * rate
         };
         state.data_wait_seconds += outcome.data_wait_seconds;
+        if let Some(validation) = outcome.validation {
+            state.validation = Some(validation);
+        }
         if let Some(learning_rate) = outcome.learning_rate {
             state.learning_rate = learning_rate;
         }

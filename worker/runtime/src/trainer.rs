@@ -57,6 +57,13 @@ pub struct GroupInfo {
     pub resume_step: u64,
 }
 
+/// An item of the validation set, at the resolution of its bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidationItem {
+    pub item: BatchItem,
+    pub resolution: Bucket,
+}
+
 /// What one batch cost and gave.
 #[derive(Debug, Clone, Default)]
 pub struct BatchOutcome {
@@ -72,6 +79,8 @@ pub struct BatchOutcome {
     pub learning_rate: Option<f64>,
     /// The batch's prompts by token count: [`TOKEN_LENGTH_BINS`].
     pub token_length_counts: [u64; 4],
+    /// A validation loss measured after this batch's step, with that step (`data.validation_*`).
+    pub validation: Option<(f64, u64)>,
 }
 
 /// The bins of [`BatchOutcome::token_length_counts`] (tokens without BOS/EOS): one CLIP chunk,
@@ -92,6 +101,9 @@ pub trait Trainer: Send {
     }
     /// Called with the batches that will follow (for prefetching); may be ignored.
     fn upcoming(&mut self, _batches: &[Batch]) {}
+    /// Called with this rank's share of the validation items (each with its bucket's
+    /// resolution) whenever a shard arrives; a trainer without validation ignores them.
+    fn validation_items(&mut self, _items: &[ValidationItem]) {}
     fn train_batch(&mut self, batch: &Batch) -> Result<BatchOutcome, String>;
     /// Writes this rank's part of the checkpoint at `step` (under `checkpoints/step-<step>/`).
     fn checkpoint(&mut self, step: u64, epoch: u64, batch: u64) -> Result<(), String>;

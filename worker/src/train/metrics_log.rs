@@ -43,6 +43,10 @@ pub struct StepMetrics {
     /// was read back (CUDA builds only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_memory_bytes: Option<u64>,
+    /// The validation loss measured after this step (worker/src/train/validation.rs), on the
+    /// steps `samples.validation_every` names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_loss: Option<f64>,
 }
 
 /// How many prompts had how many tokens (without BOS/EOS): CLIP chunks of 75, up to the 225
@@ -95,7 +99,7 @@ impl TokenLengthHistogram {
 /// A line of the file: a record, or a line that did not parse, kept verbatim.
 #[derive(Debug, Clone)]
 enum Line {
-    Record(StepMetrics),
+    Record(Box<StepMetrics>),
     Unparsed(String),
 }
 
@@ -133,7 +137,7 @@ impl MetricsLog {
                 }
                 match serde_json::from_str::<StepMetrics>(line) {
                     Ok(record) if record.step > resume_step => {}
-                    Ok(record) => lines.push(Line::Record(record)),
+                    Ok(record) => lines.push(Line::Record(Box::new(record))),
                     Err(error) => {
                         tracing::warn!(
                             location = run_dir.location(),
@@ -162,7 +166,7 @@ impl MetricsLog {
                 message: format!("expected \"WxH\", got `{}`", record.bucket),
             });
         }
-        self.lines.push(Line::Record(record));
+        self.lines.push(Line::Record(Box::new(record)));
         Ok(())
     }
 
@@ -194,10 +198,17 @@ impl MetricsLog {
             .collect()
     }
 
+    /// `(step, validation loss)` of the records that have one, in file order.
+    pub fn validation_history(&self) -> Vec<(u64, f64)> {
+        self.records()
+            .filter_map(|record| Some((record.step, record.validation_loss?)))
+            .collect()
+    }
+
     /// Every record, in file order.
     pub fn records(&self) -> impl Iterator<Item = &StepMetrics> {
         self.lines.iter().filter_map(|line| match line {
-            Line::Record(record) => Some(record),
+            Line::Record(record) => Some(record.as_ref()),
             Line::Unparsed(_) => None,
         })
     }

@@ -3,7 +3,7 @@
 //!
 //! batch_inputs → training_model → distributed_step (loss and backward of train_step,
 //! all-reduce, clip, AdamW, EMA) → metrics_log and tensorboard → checkpoint / sampling /
-//! run_exports, all driven by `trainer`.
+//! validation / run_exports, all driven by `trainer`.
 
 pub mod adamw;
 pub mod batch_inputs;
@@ -24,3 +24,4 @@ pub mod tensorboard;
 pub mod train_step;
 pub mod trainer;
 pub mod training_model;
+pub mod validation;

@@ -12,7 +12,7 @@ use tch::{Kind, Tensor};
 use crate::attention::KvContextTransform;
 use crate::diffusion_samplers::{sample, GuidedPrompt, Sampler, SamplerKind};
 use crate::error::Result;
-use crate::train::loss_curve::render_loss_curve;
+use crate::train::loss_curve::render_loss_curve_with_validation;
 use crate::train::run_dir::RunDir;
 use crate::train::sample_grid::images_to_grid_png;
 use crate::train::training_model::TrainingModel;
@@ -184,11 +184,20 @@ pub fn write_samples(
 }
 
 /// Writes `loss.png` from `(step, loss)` points; nothing when there are none.
-pub fn write_loss_curve(run_dir: &RunDir, history: &[(u64, f64)]) -> Result<bool> {
+pub fn write_loss_curve(
+    run_dir: &RunDir,
+    history: &[(u64, f64)],
+    validation: &[(u64, f64)],
+) -> Result<bool> {
     if history.is_empty() {
         return Ok(false);
     }
-    let png = render_loss_curve(history, LOSS_CURVE_SIZE.0, LOSS_CURVE_SIZE.1)?;
+    let png = render_loss_curve_with_validation(
+        history,
+        validation,
+        LOSS_CURVE_SIZE.0,
+        LOSS_CURVE_SIZE.1,
+    )?;
     run_dir.put(LOSS_CURVE_KEY, png)?;
     Ok(true)
 }

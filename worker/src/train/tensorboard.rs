@@ -53,7 +53,7 @@ const FILE_VERSION: &str = "brain.Event:2";
 pub mod tags {
     pub const LOSS: &str = "loss/raw";
     pub const SMOOTHED_LOSS: &str = "loss/smoothed";
-    /// Reserved for a validation loss (none is computed yet).
+    /// The validation loss, on the steps it is measured.
     pub const VALIDATION_LOSS: &str = "loss/validation";
     pub const LEARNING_RATE: &str = "learning_rate";
     pub const IMAGES_PER_SECOND: &str = "images_per_second";
@@ -349,6 +349,9 @@ impl TensorBoardLog {
                 self.smoother.push(record.loss),
             ));
         }
+        if let Some(validation_loss) = record.validation_loss {
+            values.push((tags::VALIDATION_LOSS.to_string(), validation_loss));
+        }
         let counts = record.token_length_histogram.counts();
         for (bin, count) in arbor_runtime::trainer::TOKEN_LENGTH_BINS.iter().zip(counts) {
             values.push((format!("{}{bin}", tags::PROMPT_TOKENS_PREFIX), count as f64));
@@ -510,6 +513,7 @@ mod tests {
             unix_time: 1_800_000_000.0 + step as f64,
             phase_seconds: None,
             peak_memory_bytes: None,
+            validation_loss: None,
         }
     }
 

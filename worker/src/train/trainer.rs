@@ -34,7 +34,7 @@ use arbor_common::config::{JobConfig, LrScheduler};
 use arbor_data::batch_loader::{BatchLoader, LoaderOptions};
 use arbor_data::store::DatasetStore;
 use arbor_runtime::batch_fetch::BatchFetcher;
-use arbor_runtime::trainer::{Batch, BatchOutcome, GroupInfo, Trainer};
+use arbor_runtime::trainer::{Batch, BatchOutcome, GroupInfo, Trainer, ValidationItem};
 use tch::{Device, Kind, Tensor};
 use tracing::{info, warn};
 
@@ -58,6 +58,7 @@ use crate::train::run_exports::{
 use crate::train::sampling::{write_loss_curve, write_samples, SampleSettings};
 use crate::train::tensorboard::{tags, TensorBoardLog};
 use crate::train::training_model::{TrainingMode, TrainingModel};
+use crate::train::validation::rank_validation_sums;
 
 /// Optimizer steps between rewrites of `metrics.jsonl` and flushes of the TensorBoard log (both
 /// are also flushed at checkpoints, samples and the end).
@@ -196,6 +197,10 @@ pub struct TchTrainer {
     step: u64,
     /// Epochs begun (the 0-based epoch of the last batch trained, plus one).
     epochs_begun: u64,
+    /// This rank's share of the validation items (from the coordinator's shard header).
+    validation_items: Vec<ValidationItem>,
+    /// The latest validation loss and its step, not yet reported in a batch outcome.
+    last_validation: Option<(f64, u64)>,
     window: Window,
     pending: PendingSteps,
     last_sampled_step: Option<u64>,
@@ -277,6 +282,8 @@ impl TchTrainer {
             position: RankPosition::default(),
             step: 0,
             epochs_begun: 0,
+            validation_items: Vec::new(),
+            last_validation: None,
             window: Window::default(),
             pending: PendingSteps::default(),
             last_sampled_step: None,
@@ -633,6 +640,7 @@ impl TchTrainer {
             failures: loaded.failures.iter().map(ToString::to_string).collect(),
             learning_rate: Some(learning_rate),
             token_length_counts: token_lengths.counts(),
+            validation: self.last_validation.take(),
         })
     }
 
@@ -682,21 +690,77 @@ impl TchTrainer {
             unix_time: unix_time_now(),
             phase_seconds: window.phases,
             peak_memory_bytes: None,
+            validation_loss: None,
         });
         if let Some(hypernetwork) = session.model.hypernetwork.as_mut() {
             hypernetwork.info.step = step as i64;
         }
         let every = session.config.samples.every;
         let samples_due = every > 0 && step % every == 0;
+        let validation_every = session.config.samples.validation_every;
+        let validation_due = session.config.data.has_validation()
+            && validation_every > 0
+            && step % validation_every == 0;
         // The same decision on every rank: the read-back all-reduces the losses.
-        if !(step <= 5 || step % LOG_EVERY == 0 || samples_due) {
+        if !(step <= 5 || step % LOG_EVERY == 0 || samples_due || validation_due) {
             return Ok(None);
+        }
+        if validation_due {
+            let validation_loss = self.measure_validation_loss()?;
+            if let Some(record) = self.pending.records.last_mut() {
+                record.validation_loss = validation_loss;
+            }
+            self.last_validation = validation_loss.map(|loss| (loss, step));
         }
         let loss = self.read_back_pending_steps()?;
         if samples_due {
             self.write_samples_and_curve();
         }
         Ok(loss)
+    }
+
+    /// The group's mean validation loss: this rank's share measured, then (sum, count)
+    /// all-reduced. Every rank of the group calls it at the same steps; `None` when no item was
+    /// measured anywhere.
+    fn measure_validation_loss(&mut self) -> Result<Option<f64>> {
+        let session = self.session.as_mut().ok_or_else(not_started)?;
+        let started = Instant::now();
+        let seed = session.config.job.seed;
+        let (sum, count) = rank_validation_sums(
+            &mut session.model,
+            &mut session.fetcher,
+            &self.validation_items,
+            seed,
+        )?;
+        let mut totals = Tensor::from_slice(&[sum, count as f64]);
+        if let Some(group) = self.group.as_mut() {
+            let device = if group.backend() == Backend::Nccl {
+                session.model.device
+            } else {
+                Device::Cpu
+            };
+            let mut tensors = [totals.to_device(device)];
+            group.all_reduce_sum(&mut tensors)?;
+            let [reduced] = tensors;
+            totals = reduced.to_device(Device::Cpu);
+        }
+        let totals = Vec::<f64>::try_from(&totals)
+            .map_err(WorkerError::torch("reading the validation loss back"))?;
+        let (sum, count) = (totals[0], totals[1]);
+        if count < 1.0 {
+            warn!(step = self.step, "no validation item could be measured");
+            return Ok(None);
+        }
+        let loss = sum / count;
+        info!(
+            rank = self.position.rank,
+            step = self.step,
+            validation_loss = loss,
+            items = count as u64,
+            seconds = started.elapsed().as_secs_f64(),
+            "validation loss"
+        );
+        Ok(Some(loss))
     }
 
     /// Reads the pending steps' losses (averaged over the group) and gradient norms back in one
@@ -813,7 +877,8 @@ impl TchTrainer {
             warn!(step, %error, "writing metrics.jsonl or the tensorboard log failed");
         }
         let history = logs.metrics.loss_history();
-        if let Err(error) = write_loss_curve(&session.run_dir, &history) {
+        let validation = logs.metrics.validation_history();
+        if let Err(error) = write_loss_curve(&session.run_dir, &history, &validation) {
             warn!(step, %error, "writing loss.png failed");
         }
         let started = Instant::now();
@@ -917,7 +982,11 @@ impl TchTrainer {
         };
         if let Some(logs) = session.logs.as_mut() {
             logs.flush()?;
-            write_loss_curve(&session.run_dir, &logs.metrics.loss_history())?;
+            write_loss_curve(
+                &session.run_dir,
+                &logs.metrics.loss_history(),
+                &logs.metrics.validation_history(),
+            )?;
         }
         let record = training_record(session, step, self.epochs_begun, self.position.world_size);
         let keys = write_session_exports(session, EXPORTS_PREFIX, &record)?;
@@ -1055,6 +1124,10 @@ impl Trainer for TchTrainer {
         if let Some(session) = self.session.as_mut() {
             session.fetcher.announce(batches);
         }
+    }
+
+    fn validation_items(&mut self, items: &[ValidationItem]) {
+        self.validation_items = items.to_vec();
     }
 
     fn train_batch(&mut self, batch: &Batch) -> std::result::Result<BatchOutcome, String> {

@@ -362,6 +362,49 @@ impl TrainingModel {
         })
     }
 
+    /// The plain diffusion loss of a batch (no min-SNR weighting, no hypernetwork L2 penalty),
+    /// as an fp32 scalar: what the validation loss measures.
+    pub fn plain_loss(
+        &self,
+        latents: &Tensor,
+        noise: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let kv_transform = self
+            .hypernetwork
+            .as_ref()
+            .map(|hypernetwork| hypernetwork as &dyn KvContextTransform);
+        let batch = DiffusionBatch {
+            latents,
+            noise,
+            timesteps,
+            encoder_hidden_states: context,
+        };
+        let loss = self.autocast(|| {
+            weighted_diffusion_loss(&self.unet, &self.schedule, &batch, kv_transform, None)
+        })?;
+        if let Some(hypernetwork) = &self.hypernetwork {
+            // Terms a penalised hypernetwork recorded in this forward are not part of it.
+            let _ = hypernetwork.take_l2_penalty();
+        }
+        Ok(loss.loss.to_kind(Kind::Float))
+    }
+
+    /// Turns the trained modules' dropout on (training) or off; returns the previous setting.
+    pub fn set_training(&mut self, training: bool) -> bool {
+        let mut was = true;
+        if let Some(hypernetwork) = self.hypernetwork.as_mut() {
+            was = hypernetwork.train;
+            hypernetwork.train = training;
+        }
+        if let Some(lora) = &self.lora {
+            was = lora.is_training();
+            lora.set_training(training);
+        }
+        was
+    }
+
     /// The model's weights for an export, by component, in diffusers naming. `trained`
     /// replaces the trainable tensors by name (for example the EMA shadow).
     pub fn export_components(

@@ -700,6 +700,8 @@ fn record(step: u64, loss: f64) -> StepMetrics {
             optimizer: 0.03,
         }),
         peak_memory_bytes: (step % 2 == 0).then_some(40 << 30),
+        // Every fifth record carries a validation loss.
+        validation_loss: (step % 5 == 0).then_some(loss + 0.125),
     }
 }
 

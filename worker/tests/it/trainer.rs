@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use arbor_common::buckets::Bucket;
 use arbor_common::config::{JobConfig, LoraTarget};
 use arbor_common::sampler::BatchBucket;
-use arbor_runtime::trainer::{Batch, BatchItem, GroupInfo, Trainer};
+use arbor_runtime::trainer::{Batch, BatchItem, GroupInfo, Trainer, ValidationItem};
 use arbor_worker::hypernetwork::pt_reader::read_pt;
 use arbor_worker::lora::kohya_file::read_kohya_file;
 use arbor_worker::train::checkpoint::{checkpoint_key, mark_complete_without_coordinator};
@@ -441,6 +441,78 @@ fn lora_mode_trains_only_the_lora_resumes_exactly_and_exports_a_kohya_file() {
         (live_up - &exported_up).abs().max().double_value(&[]) > 1e-4,
         "the export holds the live weights, not the EMA shadow"
     );
+}
+
+fn validation_item(id: u64, key: &str) -> ValidationItem {
+    ValidationItem {
+        item: item(id, key),
+        resolution: Bucket {
+            width: 32,
+            height: 32,
+        },
+    }
+}
+
+/// The validation losses a trainer reports over `BATCHES`, with `lr`.
+fn validation_losses(fixture: &Fixture, lr: &str) -> Vec<(f64, u64)> {
+    let mut config = config(fixture, "lora", "");
+    config.train.lr = lr.to_string();
+    config.data.validation_fraction = 0.5;
+    config.samples.validation_every = 1;
+    config.samples.every = 0;
+    let mut trainer = trainer();
+    trainer.start(&solo("", 0), &config).unwrap();
+    // Two items measured, one that fails to load and is left out.
+    trainer.validation_items(&[
+        validation_item(3, "img2.png"),
+        validation_item(4, "img3.png"),
+        validation_item(9, "broken.png"),
+    ]);
+    let losses = BATCHES
+        .iter()
+        .enumerate()
+        .map(|(index, ids)| {
+            let outcome = trainer.train_batch(&batch(index as u64, *ids)).unwrap();
+            outcome.validation.expect("validation every step")
+        })
+        .collect();
+    trainer.finish().unwrap();
+    losses
+}
+
+#[test]
+fn the_validation_loss_uses_fixed_draws_and_is_logged() {
+    let _serial = serial();
+    let fixture = fixture();
+    // A rate too small to move any output (the LoRA's up weights stay below fp32 rounding of
+    // the UNet's outputs): every measurement must draw the same crops, noise and timesteps.
+    let frozen = validation_losses(&fixture, "1e-30");
+    assert_eq!(
+        frozen.iter().map(|(_, step)| *step).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert!(frozen[0].0.is_finite() && frozen[0].0 > 0.0);
+    assert!(
+        frozen.iter().all(|(loss, _)| *loss == frozen[0].0),
+        "{frozen:?}"
+    );
+    let records = read_metrics(&fixture.run_dir);
+    assert!(records
+        .iter()
+        .all(|record| record.validation_loss == Some(frozen[0].0)));
+    assert_png(&fixture.run_dir.join("loss.png"));
+
+    // Training moves it, from the first step on.
+    let fixture = self::fixture();
+    let trained = validation_losses(&fixture, "1e-2");
+    assert!(
+        trained
+            .iter()
+            .zip(&frozen)
+            .all(|(trained, frozen)| trained.0 != frozen.0),
+        "{trained:?} vs {frozen:?}"
+    );
+    assert!(trained[0].0 != trained[2].0, "{trained:?}");
 }
 
 #[test]

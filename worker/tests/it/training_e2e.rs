@@ -7,6 +7,7 @@
 //! Needs the `arbor` binary beside `arbor-worker` (`cargo build -p arbor-coordinator` with the
 //! same target folder) and the project's venv (scripts/setup.sh; ARBOR_PYTHON_BIN).
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -167,6 +168,132 @@ fn a_two_worker_hypernetwork_job_exports_a_pt_that_torch_load_accepts() {
     ]);
     eprintln!("check_exports: {checked}");
     assert_eq!(checked["step"], steps_per_epoch(&spec));
+}
+
+#[test]
+fn a_two_worker_lora_job_holds_out_validation_items_and_exports_a_lora_diffusers_loads() {
+    let _one = one_job_at_a_time();
+    let spec = JobSpec {
+        epochs: 1,
+        mode: "lora",
+        samples_every: 100,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    let config_path = job.path().join("job.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let config = config
+        .replace("[data]\n", "[data]\nvalidation_fraction = 0.25\n")
+        .replace("[model]\n", "[model]\ntrain_text_encoder = true\n")
+        .replace("[samples]\n", "[samples]\nvalidation_every = 2\n")
+        + "\n[lora]\nrank = 4\ntargets = [\"attention\", \"projections\"]\nsave_precision = \"fp32\"\n";
+    std::fs::write(&config_path, config).unwrap();
+    job.start_coordinator();
+    job.start_worker(0);
+    job.start_worker(1);
+    job.wait_coordinator_success(JOB_LIMIT);
+    for status in job.wait_workers(Duration::from_secs(30)) {
+        assert!(
+            status.success(),
+            "a worker failed: {status}\n{}",
+            job.logs()
+        );
+    }
+    // The held-out items never train; every other item trains once.
+    let held_out: HashSet<u64> = job
+        .item_ids()
+        .into_iter()
+        .filter(|&id| arbor_common::validation::is_held_out(id, 0.25))
+        .collect();
+    assert!(!held_out.is_empty(), "the test dataset holds nothing out");
+    let trained = job.trained_items(0);
+    assert!(trained.keys().all(|id| !held_out.contains(id)));
+    let kept = job.item_ids().len() - held_out.len();
+    assert!(
+        kept - trained.len() < global_batch(&spec),
+        "{} of {kept} trained",
+        trained.len()
+    );
+    // The validation loss every 2 steps, in metrics.jsonl and the coordinator's status.
+    let (metrics, _) = job.metrics();
+    let measured: Vec<u64> = metrics
+        .iter()
+        .filter(|(_, record)| {
+            record["validation_loss"]
+                .as_f64()
+                .is_some_and(f64::is_finite)
+        })
+        .map(|(step, _)| *step)
+        .collect();
+    assert!(
+        !measured.is_empty() && measured.iter().all(|step| step % 2 == 0),
+        "{measured:?}"
+    );
+    let coordinator_log = job.coordinator_log();
+    assert!(
+        coordinator_log.contains("global batch 4 = 2 rank(s) x bsz 2 x grad_accum 1"),
+        "{coordinator_log}"
+    );
+
+    // The LoRA loads in diffusers and changes the UNet and the text encoder as kohya's math says.
+    let lora = job.run_dir().join("exports/lora.safetensors");
+    let inputs = job.path().join("lora_inputs.safetensors");
+    write_unet_inputs(&tiny_model().dir, &inputs);
+    let out = job.path().join("lora_outputs.safetensors");
+    let output = std::process::Command::new(arbor_testkit::python_bin())
+        .arg(arbor_testkit::repo_root().join("worker/tests/fixtures/check_lora.py"))
+        .args(["check", "--model"])
+        .arg(&tiny_model().dir)
+        .arg("--lora")
+        .arg(&lora)
+        .arg("--inputs")
+        .arg(&inputs)
+        .arg("--out")
+        .arg(&out)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "check_lora.py failed: {report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(report.lines().last().unwrap()).unwrap();
+    assert!(report["te_modules"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["metadata"]["ss_network_dim"], "4");
+    let changed = report["max_abs_diff"]["unet.out"]["base_vs_reference"]
+        .as_f64()
+        .unwrap();
+    assert!(changed > 0.0, "training left the LoRA at zero: {report}");
+}
+
+/// Random UNet and CLIP inputs for the model at `model` (its unet/config.json's shapes).
+fn write_unet_inputs(model: &Path, path: &Path) {
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("unet/config.json")).unwrap())
+            .unwrap();
+    let channels = config["in_channels"].as_i64().unwrap();
+    let size = config["sample_size"].as_i64().unwrap().min(16);
+    let width = config["cross_attention_dim"].as_i64().unwrap();
+    tch::manual_seed(0);
+    let options = (tch::Kind::Float, tch::Device::Cpu);
+    let tensors = [
+        (
+            "unet.sample",
+            tch::Tensor::randn([2, channels, size, size], options),
+        ),
+        ("unet.timesteps", tch::Tensor::from_slice(&[10i64, 700])),
+        (
+            "unet.encoder_hidden_states",
+            tch::Tensor::randn([2, 77, width], options),
+        ),
+        (
+            "clip.input_ids",
+            tch::Tensor::randint(1000, [2, 77], (tch::Kind::Int64, tch::Device::Cpu)),
+        ),
+    ];
+    tch::Tensor::write_safetensors(&tensors, path).unwrap();
 }
 
 /// The coordinator's "group formed" events: (generation, world size, epoch, from batch).

@@ -93,6 +93,8 @@ pub struct Membership {
     replay: BatchReplay,
     ledger: EpochLedger,
     events: EventLog,
+    /// The latest validation loss rank 0 reported, with its step.
+    validation: Option<(f64, u64)>,
     step_rate: StepRate,
     /// Trainer start failures reported by ranks, by their error text.
     start_failures: HashMap<String, u32>,
@@ -153,6 +155,7 @@ impl Membership {
             replay: BatchReplay::default(),
             ledger,
             events: EventLog::default(),
+            validation: None,
             step_rate: StepRate::default(),
             start_failures: HashMap::new(),
             forming_since: now,
@@ -506,6 +509,10 @@ impl Membership {
         }
         if member.rank == 0 && heartbeat.learning_rate > 0.0 {
             self.metrics.learning_rate.set(heartbeat.learning_rate);
+        }
+        if let (0, Some((loss, step))) = (member.rank, heartbeat.validation) {
+            self.metrics.validation_loss.set(loss);
+            self.validation = Some((loss, step));
         }
         self.ledger
             .append(lines)

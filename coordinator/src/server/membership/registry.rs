@@ -244,6 +244,7 @@ mod tests {
             fatal: false,
             job_failure: String::new(),
             unusable_checkpoint: String::new(),
+            validation: None,
         };
         assert_eq!(
             worker.record_heartbeat(&heartbeat([u64::MAX - 1, 1, 0, 0]), true),

@@ -65,6 +65,8 @@ pub struct WorkerHeartbeat {
     pub job_failure: String,
     /// Empty, or the checkpoint this rank could not resume from (`error` says why).
     pub unusable_checkpoint: String,
+    /// A validation loss and the step it was measured at (rank 0, when one was measured).
+    pub validation: Option<(f64, u64)>,
 }
 
 /// `text` cut to [`MAX_ERROR_BYTES`] on a character boundary, marked when cut.
@@ -202,6 +204,9 @@ impl TryFrom<HeartbeatRequest> for WorkerHeartbeat {
             error,
             job_failure: cut_error_text(request.job_failure),
             unusable_checkpoint: cut_error_text(request.unusable_checkpoint),
+            validation: request
+                .validation_loss
+                .map(|loss| (loss, request.validation_step)),
         })
     }
 }

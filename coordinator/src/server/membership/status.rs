@@ -312,6 +312,8 @@ impl Membership {
                     text: event.text.clone(),
                 })
                 .collect(),
+            validation_loss: self.validation.map(|(loss, _)| loss),
+            validation_step: self.validation.map_or(0, |(_, step)| step),
         }
     }
 }
