@@ -7,29 +7,34 @@
 #   demo/model/            an SD1-topology diffusers model with random weights (scripts/demo/)
 #   demo/runs/finetune/    phase 1: fine-tunes the UNet (the loss falls from ~1 within minutes)
 #   demo/runs/hypernetwork/ phase 2: trains an AUTOMATIC1111 hypernetwork on the phase-1 model
+#   demo/runs/lora/        phase 3: trains a kohya-format LoRA (rank 4, min-SNR-γ 5) on the phase-1
+#                          model; exports/lora.safetensors is then loaded in diffusers
 #
 # Each run directory holds job.toml, state.json, ledger/, metrics.jsonl, loss.png, samples/,
 # tensorboard/, checkpoints/ and exports/ (docs/architecture.md §7). Re-running reuses the venv,
 # the binaries, the dataset and the model; a finished run is trained again from scratch, an
 # interrupted one (Ctrl-C) resumes from its last complete checkpoint.
 #
-#   scripts/demo.sh [--dry-run] [--phases "finetune hypernetwork"]
+#   scripts/demo.sh [--dry-run] [--phases "finetune hypernetwork lora"]
 #     --dry-run   runs the same job without a model (`arbor worker --dry-run`): join, shards,
 #                 batches loaded and cropped, heartbeats, checkpoints; no training
+#     --phases    the phases to run, in order; hypernetwork and lora train on the finetune phase's
+#                 export when there is one (a previous run's), else on demo/model
 #   environment: ARBOR_DEMO_DIR (demo/), ARBOR_DEMO_PROFILE (release|debug), ARBOR_DEMO_PORT
-#   (50151; +1 for metrics), ARBOR_DEMO_FINETUNE_EPOCHS, ARBOR_DEMO_HYPERNETWORK_EPOCHS
+#   (50151; +1 for metrics), ARBOR_DEMO_FINETUNE_EPOCHS, ARBOR_DEMO_HYPERNETWORK_EPOCHS,
+#   ARBOR_DEMO_LORA_EPOCHS
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
 dry_run=0
-phases="finetune hypernetwork"
+phases="finetune hypernetwork lora"
 while (($#)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --phases) phases="$2"; shift ;;
     --phases=*) phases="${1#*=}" ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -92,9 +97,11 @@ log "plan: $("$python_bin" scripts/demo/report.py plan <<<"$plan_json")"
 "$arbor" plan buckets "${bucket_flags[@]}" | sed 's/^/    /' >&2
 
 # --- 5. one run per phase ----------------------------------------------------------------------------
-# write_job PHASE MODEL MODE LR EPOCHS → the phase's job.toml
+# write_job PHASE MODEL MODE LR EPOCHS [MIN_SNR_GAMMA] → the phase's job.toml
 write_job() {
   local phase="$1" model="$2" mode="$3" lr="$4" epochs="$5"
+  local min_snr_gamma="# min_snr_gamma: unset (off)"
+  [ -n "${6:-}" ] && min_snr_gamma="min_snr_gamma = $6              # min-SNR-γ loss weighting"
   local job_dir="$demo_dir/jobs/$phase"
   mkdir -p "$job_dir"
   sed -e "s|@NAME@|demo-$phase|" \
@@ -110,13 +117,14 @@ write_job() {
     -e "s|@CHECKPOINT_EVERY@|$((steps_per_epoch * 4))|" \
     -e "s|@SAMPLES_EVERY@|$((steps_per_epoch * epochs / 3 + 1))|" \
     -e "s|@HN_SIZES@|$hypernetwork_sizes|" \
+    -e "s|@MIN_SNR_GAMMA@|$min_snr_gamma|" \
     -e "s|@PORT@|$port|" \
     -e "s|@METRICS_PORT@|$((port + 1))|" \
     scripts/demo/job.template.toml >"$job_dir/job.toml.new"
   echo "$job_dir/job.toml"
 }
 
-# run_phase PHASE MODEL MODE LR EPOCHS
+# run_phase PHASE MODEL MODE LR EPOCHS [MIN_SNR_GAMMA]
 run_phase() {
   local phase="$1" epochs="$5"
   local job run_dir total_steps launch_log launch_pid status
@@ -168,19 +176,32 @@ run_phase() {
   phase_seconds[$phase]=$((SECONDS - phase_started))
 }
 
-declare -A phase_seconds=()
+# The model phases 2 and 3 train on: phase 1's export (of this run or an earlier one), else the
+# random-weight model.
+phase1_model() {
+  local base="$demo_dir/runs/finetune/exports/diffusers"
+  if ((dry_run)) || [ ! -f "$base/model_index.json" ]; then base="$demo_dir/model"; fi
+  echo "$base"
+}
+
+declare -A phase_seconds=() phase_model=()
 failures=()
 finetune_epochs="${ARBOR_DEMO_FINETUNE_EPOCHS:-10}"
 hypernetwork_epochs="${ARBOR_DEMO_HYPERNETWORK_EPOCHS:-4}"
+lora_epochs="${ARBOR_DEMO_LORA_EPOCHS:-3}"
+for phase in $phases; do
+  case "$phase" in finetune | hypernetwork | lora) ;; *) fail "unknown phase $phase (finetune, hypernetwork, lora)" ;; esac
+done
 for phase in $phases; do
   case "$phase" in
-    finetune) run_phase finetune "$demo_dir/model" finetune 3e-4 "$finetune_epochs" ;;
-    hypernetwork)
-      base="$demo_dir/runs/finetune/exports/diffusers"
-      if ((dry_run)) || [ ! -f "$base/model_index.json" ]; then base="$demo_dir/model"; fi
-      run_phase hypernetwork "$base" hypernetwork 1e-3 "$hypernetwork_epochs"
-      ;;
-    *) fail "unknown phase $phase (finetune, hypernetwork)" ;;
+    finetune) phase_model[$phase]="$demo_dir/model" ;;
+    *) phase_model[$phase]="$(phase1_model)" ;;
+  esac
+  case "$phase" in
+    finetune) run_phase finetune "${phase_model[$phase]}" finetune 3e-4 "$finetune_epochs" ;;
+    hypernetwork) run_phase hypernetwork "${phase_model[$phase]}" hypernetwork 1e-3 "$hypernetwork_epochs" ;;
+    # [lora] in scripts/demo/job.template.toml: rank 4 on the attention and proj_in/out layers.
+    lora) run_phase lora "${phase_model[$phase]}" lora 1e-3 "$lora_epochs" 5.0 ;;
   esac
 done
 
@@ -196,11 +217,25 @@ for phase in $phases; do
     echo "  run directory  $run_dir (ledger/, state.json, checkpoints/)"
     continue
   fi
-  # The fine-tune must visibly learn; the hypernetwork phase starts where it ended (README).
+  # The fine-tune must visibly learn; the hypernetwork and lora phases start where it ended
+  # (README).
   summary_flags=()
   [ "$phase" = finetune ] && summary_flags=(--require-loss-fall)
   "$python_bin" scripts/demo/report.py summary "$run_dir" "${summary_flags[@]}" ||
     failures+=("$phase: no metrics, or the loss did not fall, in $run_dir")
+  if [ "$phase" = lora ]; then
+    # diffusers' load_lora_weights on the model it was trained on, checked against kohya's merge
+    # (worker/tests/fixtures/check_lora.py); one line: "lora: FILE loads in diffusers (…)".
+    if result="$("$python_bin" scripts/demo/lora_check.py --model "${phase_model[lora]}" \
+      --lora "$run_dir/exports/lora.safetensors" 2>&1)"; then
+      echo "  loads in       diffusers StableDiffusionPipeline.load_lora_weights (peft), as kohya merges it"
+      echo "  $(tail -n 1 <<<"$result")"
+    else
+      echo "  export check   FAILED: $result"
+      failures+=("lora: $run_dir/exports/lora.safetensors did not load in diffusers")
+    fi
+    continue
+  fi
   if [ "$phase" = finetune ]; then
     check=(finetune --exports "$run_dir/exports" --base-model "$demo_dir/model")
   else

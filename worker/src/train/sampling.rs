@@ -61,7 +61,7 @@ impl SampleSettings {
 }
 
 /// Renders the sample grid of `step` as PNG bytes (`None` when there are no prompts). Runs
-/// without gradient, with the hypernetwork (if any) in inference mode at
+/// without gradient, with dropout off, and the hypernetwork (if any) at
 /// `settings.hypernetwork_multiplier`.
 pub fn render_samples(
     model: &mut TrainingModel,
@@ -71,24 +71,14 @@ pub fn render_samples(
     if settings.prompts.is_empty() {
         return Ok(None);
     }
-    let was = model
-        .hypernetwork
-        .as_ref()
-        .map(|hn| (hn.train, hn.multiplier));
+    let multiplier_was = model.hypernetwork.as_ref().map(|hn| hn.multiplier);
     if let Some(hypernetwork) = model.hypernetwork.as_mut() {
-        hypernetwork.train = false;
         hypernetwork.multiplier = settings.hypernetwork_multiplier;
     }
-    let lora_was_training = model.lora.as_ref().map(|lora| lora.is_training());
-    if let Some(lora) = &model.lora {
-        lora.set_training(false);
-    }
+    let was_training = model.set_training(false);
     let rendered = tch::no_grad(|| render(model, settings, step));
-    if let (Some(lora), Some(training)) = (&model.lora, lora_was_training) {
-        lora.set_training(training);
-    }
-    if let (Some(hypernetwork), Some((train, multiplier))) = (model.hypernetwork.as_mut(), was) {
-        hypernetwork.train = train;
+    model.set_training(was_training);
+    if let (Some(hypernetwork), Some(multiplier)) = (model.hypernetwork.as_mut(), multiplier_was) {
         hypernetwork.multiplier = multiplier;
     }
     rendered.map(Some)

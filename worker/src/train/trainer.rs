@@ -1030,10 +1030,21 @@ fn training_record<'a>(
     }
 }
 
+/// The largest manifest whose tags a LoRA export counts (about 10^6 items); the tag frequency of
+/// a larger dataset is left out rather than slowing every export down.
+const TAG_FREQUENCY_MAX_MANIFEST_BYTES: u64 = 256 << 20;
+
 /// How often each comma-separated tag occurs in the captions of a manifest readable from here;
-/// `None` for a remote or unreadable manifest.
+/// `None` for a remote, unreadable or very large manifest.
 fn dataset_tag_frequency(config: &JobConfig) -> Option<BTreeMap<String, u64>> {
     let file = std::fs::File::open(&config.data.manifest).ok()?;
+    if file.metadata().ok()?.len() > TAG_FREQUENCY_MAX_MANIFEST_BYTES {
+        info!(
+            manifest = %config.data.manifest,
+            "the manifest is too large to count its tags for the lora metadata"
+        );
+        return None;
+    }
     let manifest = arbor_common::manifest::read_manifest(std::io::BufReader::new(file)).ok()?;
     let mut frequency = BTreeMap::new();
     for record in &manifest.records {
