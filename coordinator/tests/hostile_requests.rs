@@ -187,6 +187,11 @@ fn hostile_requests_are_refused_cleanly_and_the_job_goes_on() {
             expect(Code::InvalidArgument, "heartbeat.learning_rate"),
         ),
         (
+            "heartbeat: a negative validation loss",
+            Hostile::Heartbeat(|r| r.validation_loss = Some(-1.0)),
+            expect(Code::InvalidArgument, "heartbeat.validation_loss"),
+        ),
+        (
             "heartbeat: batches_done u64::MAX",
             Hostile::Heartbeat(|r| r.batches_done = u64::MAX),
             expect(Code::OutOfRange, "heartbeat.batches_done"),

@@ -182,6 +182,15 @@ impl TryFrom<HeartbeatRequest> for WorkerHeartbeat {
         let mut token_length_counts = [0u64; TOKEN_LENGTH_BINS.len()];
         token_length_counts[..request.token_length_counts.len()]
             .copy_from_slice(&request.token_length_counts);
+        if let Some(loss) = request.validation_loss {
+            // A mean squared error: NaN or infinite reports a divergence, negative is a lie.
+            if loss < 0.0 {
+                return Err(MembershipError::malformed(
+                    "heartbeat.validation_loss",
+                    format!("{loss} is negative; a mean squared error is not"),
+                ));
+            }
+        }
         let error = cut_error_text(request.error);
         Ok(Self {
             member,
