@@ -52,6 +52,12 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--profile-steps", type=int, default=0)
+    parser.add_argument(
+        "--save-to",
+        help="write the UNet's initial weights (DIR/unet.safetensors) and the batch "
+        "(DIR/batch.safetensors: latents, context) and exit, so arbor's side trains the same "
+        "weights on the same batch",
+    )
     args = parser.parse_args()
 
     from peft import LoraConfig
@@ -59,6 +65,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     unet, config = build_unet(args.config)
+    initial_weights = {name: tensor.detach().clone() for name, tensor in unet.state_dict().items()}
     noise_scheduler = sd1_scheduler()
     unet.requires_grad_(False)
     unet_lora_config = LoraConfig(
@@ -76,6 +83,19 @@ def main():
     latents, _, encoder_hidden_states, _ = random_batch(
         config, args.batch, args.size, args.size, args.context_len, seed=1
     )
+    if args.save_to:
+        from safetensors.torch import save_file
+
+        save_file(
+            {name: tensor.contiguous() for name, tensor in initial_weights.items()},
+            os.path.join(args.save_to, "unet.safetensors"),
+        )
+        save_file(
+            {"latents": latents.contiguous(), "context": encoder_hidden_states.contiguous()},
+            os.path.join(args.save_to, "batch.safetensors"),
+        )
+        print(json.dumps({"saved": args.save_to}))
+        return 0
 
     def forward():
         noise = torch.randn_like(latents)

@@ -115,13 +115,29 @@ struct ArborRun {
 }
 
 impl ArborRun {
-    fn new(options: &Options, config_value: &serde_json::Value) -> Result<Self> {
+    /// `shared` holds the PyTorch side's initial UNet weights and batch (`lora_step.py
+    /// --save-to`): both sides train the same weights on the same batch, so the values (and any
+    /// slow denormal arithmetic they cause) are the same too.
+    fn new(options: &Options, config_value: &serde_json::Value, shared: &Path) -> Result<Self> {
         tch::set_num_threads(options.threads);
         tch::manual_seed(0);
         let config = UNet2DConditionConfig::from_diffusers_value(config_value, Path::new("bench"))?;
         let mut unet_var_store = nn::VarStore::new(Device::Cpu);
         let unet = UNet2DConditionModel::new(unet_var_store.root(), &config);
+        unet_var_store
+            .load(shared.join("unet.safetensors"))
+            .context("loading the PyTorch side's initial UNet weights")?;
         unet_var_store.freeze();
+        let batch: std::collections::HashMap<String, Tensor> =
+            Tensor::read_safetensors(shared.join("batch.safetensors"))?
+                .into_iter()
+                .collect();
+        let shared_tensor = |name: &str| {
+            batch
+                .get(name)
+                .map(Tensor::shallow_clone)
+                .with_context(|| format!("batch.safetensors has no `{name}`"))
+        };
         let network = LoraNetwork::attach(
             &[AdaptedComponent {
                 kohya_prefix: KOHYA_UNET_PREFIX,
@@ -138,19 +154,11 @@ impl ArborRun {
             Device::Cpu,
         )?;
         let optimizer = adamw(network.var_store(), WEIGHT_DECAY);
-        let kind = (Kind::Float, Device::Cpu);
         Ok(Self {
             schedule: DdpmSchedule::sd1(),
             optimizer,
-            latents: Tensor::randn([options.batch, 4, options.size, options.size], kind),
-            context: Tensor::randn(
-                [
-                    options.batch,
-                    options.context_len,
-                    config.cross_attention_dim[0],
-                ],
-                kind,
-            ),
+            latents: shared_tensor("latents")?,
+            context: shared_tensor("context")?,
             unet,
             network,
             unet_var_store,
@@ -286,8 +294,20 @@ fn main() -> Result<()> {
     let config_path = directory.join("config.json");
     std::fs::write(&config_path, serde_json::to_string_pretty(&config_value)?)?;
 
+    // The PyTorch side's initial weights and batch, which arbor's side loads.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/lora_step/lora_step.py");
+    let mut save = Command::new(&options.python);
+    save.arg(&script)
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--batch", &options.batch.to_string()])
+        .args(["--size", &options.size.to_string()])
+        .args(["--context-len", &options.context_len.to_string()])
+        .arg("--save-to")
+        .arg(&directory);
+    run_json_command(save, &format!("{script:?} --save-to"))?;
     // Interleaved rounds, PyTorch first in each, so both sides see the same machine load.
-    let mut arbor = ArborRun::new(&options, &config_value)?;
+    let mut arbor = ArborRun::new(&options, &config_value, &directory)?;
     let (mut pytorch_times, mut arbor_times) = (Vec::new(), Vec::new());
     let (mut pytorch_loss, mut arbor_loss) = (0.0, 0.0);
     // The last round also profiles `--profile-steps` steps on each side, after its timed ones.
