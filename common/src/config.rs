@@ -108,6 +108,10 @@ pub struct DataSection {
     /// The most validation items evaluated (those with the smallest id hashes).
     #[serde(default = "default_validation_max_items")]
     pub validation_max_items: u32,
+    /// Where the latent cache lives (`train.cache_latents`): a path or an object store URL like
+    /// the dataset's, shared across jobs and datasets. Unset: `<job.run_dir>/latent-cache`.
+    #[serde(default)]
+    pub latent_cache: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -273,8 +277,9 @@ pub struct TrainSection {
     pub weight_decay: f64,
     /// Decay of the exponential moving average of the trained weights; 0 turns EMA off.
     pub ema_decay: f64,
-    /// Reserved: encoding each image with the VAE once and reusing the latents is not
-    /// implemented yet, so `true` is refused by [`JobConfig::validate`].
+    /// Encode each image with the VAE once and train later epochs (and later jobs) from its
+    /// cached latent distribution (`data.latent_cache`); the epochs' random crops are taken in
+    /// latent space, at 8-pixel granularity.
     pub cache_latents: bool,
     /// Every this many optimizer steps, the worker times the phases of the step (data wait,
     /// encode, forward, backward, all-reduce, optimizer) by waiting for the device at each
@@ -607,6 +612,15 @@ fn default_true() -> bool {
     true
 }
 impl DataSection {
+    /// The latent cache's location: `data.latent_cache`, else `latent-cache` under the run
+    /// directory `run_dir` (a path or an object store URL).
+    pub fn latent_cache_location(&self, run_dir: &str) -> String {
+        if let Some(location) = &self.latent_cache {
+            return location.clone();
+        }
+        format!("{}/latent-cache", run_dir.trim_end_matches('/'))
+    }
+
     /// Whether the job has validation items (a validation manifest or a held-out fraction).
     pub fn has_validation(&self) -> bool {
         self.validation_manifest.is_some() || self.validation_fraction > 0.0
@@ -852,12 +866,16 @@ impl JobConfig {
                 "must be at least 1 (or set max_steps)",
             ));
         }
-        if self.train.cache_latents {
-            return Err(invalid(
-                "train.cache_latents",
-                "latent caching is not implemented yet: every batch is encoded by the VAE \
-                 (set it to false)",
-            ));
+        if let Some(location) = &self.data.latent_cache {
+            if !self.train.cache_latents {
+                return Err(invalid(
+                    "data.latent_cache",
+                    "is set but train.cache_latents is false (set it to true to use the cache)",
+                ));
+            }
+            if location.trim().is_empty() {
+                return Err(invalid("data.latent_cache", "is empty"));
+            }
         }
         let cluster = &self.cluster;
         if cluster.max_start_failures == 0 {
@@ -1334,7 +1352,7 @@ mod tests {
             ("data.max_failed_fraction=1.5", "data.max_failed_fraction"),
             ("data.max_failed_fraction=nan", "data.max_failed_fraction"),
             ("data.failure_window=0", "data.failure_window"),
-            ("train.cache_latents=true", "train.cache_latents"),
+            ("data.latent_cache=\"/tmp/cache\"", "data.latent_cache"),
             ("hypernetwork.activation=gelu", "hypernetwork.activation"),
             ("model.prompt_layout=sdxl", "model.prompt_layout"),
             ("hypernetwork.weight_init=Zeros", "hypernetwork.weight_init"),

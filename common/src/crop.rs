@@ -89,6 +89,72 @@ pub fn crop_offset(seed: u64, epoch: u64, item_id: u64, geometry: &CoverGeometry
     CropOffset { x, y }
 }
 
+/// The VAE's downsampling factor: a latent pixel covers 8×8 image pixels.
+pub const LATENT_FACTOR: u32 = 8;
+
+/// How one image is encoded for the latent cache: the whole cover-resized image (not one crop
+/// of it), cut at its right and bottom edges to a multiple of [`LATENT_FACTOR`], so that each
+/// epoch's crop can be taken from the latent instead of from the pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatentGeometry {
+    /// The cover-resized size the pixel path crops from.
+    pub resized_width: u32,
+    pub resized_height: u32,
+    /// The encoded size: the resized size rounded down to a multiple of 8 (at least the bucket).
+    pub encoded_width: u32,
+    pub encoded_height: u32,
+}
+
+impl LatentGeometry {
+    /// The geometry of an image whose cover-resized size is `resized` in `bucket`.
+    pub fn new(geometry: &CoverGeometry) -> Self {
+        Self {
+            resized_width: geometry.resized_width,
+            resized_height: geometry.resized_height,
+            encoded_width: geometry.resized_width / LATENT_FACTOR * LATENT_FACTOR,
+            encoded_height: geometry.resized_height / LATENT_FACTOR * LATENT_FACTOR,
+        }
+    }
+
+    /// The latent's width and height.
+    pub fn latent_size(&self) -> (u32, u32) {
+        (
+            self.encoded_width / LATENT_FACTOR,
+            self.encoded_height / LATENT_FACTOR,
+        )
+    }
+
+    /// The crop of epoch `epoch` in latent pixels: the pixel path's `(seed, epoch, item)` offset
+    /// ([`crop_offset`]) rounded to the nearest multiple of 8 pixels, and clamped so that the
+    /// bucket stays inside the encoded image. `bucket_width` and `bucket_height` are multiples
+    /// of 8 (every bucket is); the result is in latent units.
+    pub fn latent_crop_offset(
+        &self,
+        seed: u64,
+        epoch: u64,
+        item_id: u64,
+        bucket_width: u32,
+        bucket_height: u32,
+    ) -> CropOffset {
+        let cover = CoverGeometry {
+            scale: 1.0,
+            resized_width: self.resized_width,
+            resized_height: self.resized_height,
+            max_offset_x: self.resized_width.saturating_sub(bucket_width),
+            max_offset_y: self.resized_height.saturating_sub(bucket_height),
+        };
+        let pixel_offset = crop_offset(seed, epoch, item_id, &cover);
+        let (latent_width, latent_height) = self.latent_size();
+        let max_x = latent_width.saturating_sub(bucket_width / LATENT_FACTOR);
+        let max_y = latent_height.saturating_sub(bucket_height / LATENT_FACTOR);
+        let round = |pixels: u32| (pixels + LATENT_FACTOR / 2) / LATENT_FACTOR;
+        CropOffset {
+            x: round(pixel_offset.x).min(max_x),
+            y: round(pixel_offset.y).min(max_y),
+        }
+    }
+}
+
 fn round_to_u32(value: f64) -> u32 {
     // Rounds half away from zero, as Python's `round` would not (banker's) but as NovelAI's
     // `int(w * s + 0.5)`-style arithmetic and `f64::round` do.
@@ -98,6 +164,39 @@ fn round_to_u32(value: f64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latent_crops_are_the_pixel_crops_rounded_to_8_pixels() {
+        let bucket = (512, 512);
+        for (item, width, height) in [(1u64, 700u32, 512u32), (2, 512, 901), (3, 1000, 517)] {
+            let cover = cover_geometry(item, width, height, bucket.0, bucket.1).unwrap();
+            let latent = LatentGeometry::new(&cover);
+            assert_eq!(latent.encoded_width % 8, 0);
+            assert_eq!(latent.encoded_height % 8, 0);
+            assert!(latent.encoded_width >= bucket.0 && latent.encoded_height >= bucket.1);
+            assert!(cover.resized_width - latent.encoded_width < 8);
+            for epoch in 0..50 {
+                let pixel = crop_offset(7, epoch, item, &cover);
+                let offset = latent.latent_crop_offset(7, epoch, item, bucket.0, bucket.1);
+                let (latent_width, latent_height) = latent.latent_size();
+                assert!(offset.x + bucket.0 / 8 <= latent_width);
+                assert!(offset.y + bucket.1 / 8 <= latent_height);
+                // Within half a latent pixel of the pixel crop, or at the clamped edge.
+                assert!(
+                    (i64::from(offset.x * 8) - i64::from(pixel.x)).abs() <= 4
+                        || offset.x * 8 + bucket.0 == latent.encoded_width
+                );
+                assert!(
+                    (i64::from(offset.y * 8) - i64::from(pixel.y)).abs() <= 4
+                        || offset.y * 8 + bucket.1 == latent.encoded_height
+                );
+                assert_eq!(
+                    offset,
+                    latent.latent_crop_offset(7, epoch, item, bucket.0, bucket.1)
+                );
+            }
+        }
+    }
 
     #[test]
     fn landscape_image_covers_a_square_bucket() {

@@ -86,22 +86,23 @@ impl Trainer for DryRunTrainer {
     fn train_batch(&mut self, batch: &Batch) -> Result<BatchOutcome, String> {
         let fetcher = self.fetcher.as_mut().ok_or("the loader is not started")?;
         let started = Instant::now();
-        let loaded = fetcher
+        let fetched = fetcher
             .load(batch)
             .map_err(|error| format!("loading batch {}: {error}", batch.index))?;
+        let failures = fetched.failures();
         let load_seconds = started.elapsed().as_secs_f64();
-        for failure in &loaded.failures {
+        for failure in failures {
             warn!(rank = self.rank, item = failure.id, key = %failure.key, reason = %failure.reason, "item failed to load; its slot repeats another item");
         }
         self.items += batch.items.len() as u64;
-        self.failed += loaded.failures.len() as u64;
+        self.failed += failures.len() as u64;
         self.load_seconds += load_seconds;
         if !self.simulated_step.is_zero() {
             std::thread::sleep(self.simulated_step);
         }
         Ok(BatchOutcome {
             data_wait_seconds: load_seconds,
-            failures: loaded.failures.iter().map(ToString::to_string).collect(),
+            failures: failures.iter().map(ToString::to_string).collect(),
             ..BatchOutcome::default()
         })
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbor_common::crop::{cover_geometry, crop_offset};
+use arbor_common::crop::{cover_geometry, crop_offset, CropOffset, LatentGeometry, LATENT_FACTOR};
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tracing::warn;
@@ -358,14 +358,9 @@ impl BatchLoader {
         epoch: u64,
     ) -> Result<FittedItem, LoadFailure> {
         let bytes = self.fetch(&item.key).await?;
-        let _decode_slot = self
-            .decode_slots
-            .acquire()
-            .await
-            .map_err(|error| LoadFailure::Fit(error.to_string()))?;
         let max_pixels = self.options.max_pixels;
         let item_id = item.id;
-        let work = move || {
+        self.in_decode_pool(move || {
             decode_and_fit(
                 &bytes,
                 max_pixels,
@@ -375,7 +370,20 @@ impl BatchLoader {
                 seed,
                 epoch,
             )
-        };
+        })
+        .await
+    }
+
+    /// Runs `work` on the blocking pool once a decode slot is free.
+    async fn in_decode_pool<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, LoadFailure> + Send + 'static,
+    ) -> Result<T, LoadFailure> {
+        let _decode_slot = self
+            .decode_slots
+            .acquire()
+            .await
+            .map_err(|error| LoadFailure::Fit(error.to_string()))?;
         match tokio::task::spawn_blocking(work).await {
             Ok(result) => result,
             Err(join_error) => Err(LoadFailure::Fit(format!(
@@ -384,7 +392,76 @@ impl BatchLoader {
         }
     }
 
+    /// What the latent cache keys an item's content by ([`crate::latent_cache::cache_key`]):
+    /// its object's ETag, or its size and modification time where the store gives no ETag. One
+    /// `head` request, retried like a fetch.
+    pub async fn content_tag(&self, key: &str) -> Result<String, LoadFailure> {
+        let path = self.store.object_path(key);
+        let meta = self
+            .with_retries(key, "head request", || {
+                self.store.object_store().head(&path)
+            })
+            .await?;
+        Ok(match meta.e_tag {
+            Some(etag) => format!("etag:{etag}"),
+            None => format!(
+                "size:{}:modified:{}",
+                meta.size,
+                meta.last_modified.timestamp_nanos_opt().unwrap_or_default()
+            ),
+        })
+    }
+
+    /// One image as the latent cache encodes it: decoded, cover-resized to the bucket as a whole
+    /// (not cropped) and cut at its right and bottom edges to a multiple of 8; f32 CHW in [-1, 1].
+    pub async fn load_for_encoding(
+        &self,
+        item: &LoadItem,
+        bucket_width: u32,
+        bucket_height: u32,
+    ) -> Result<EncodingPixels, LoadFailure> {
+        if bucket_width % LATENT_FACTOR != 0 || bucket_height % LATENT_FACTOR != 0 {
+            return Err(LoadFailure::Fit(format!(
+                "bucket {bucket_width}x{bucket_height} is not a multiple of {LATENT_FACTOR}"
+            )));
+        }
+        let bytes = self.fetch(&item.key).await?;
+        let max_pixels = self.options.max_pixels;
+        let item_id = item.id;
+        let result = self
+            .in_decode_pool(move || {
+                decode_for_encoding(&bytes, max_pixels, item_id, bucket_width, bucket_height)
+            })
+            .await;
+        match &result {
+            Ok(_) => self.stats.items_loaded.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.stats.items_failed.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
     async fn fetch(&self, key: &str) -> Result<Bytes, LoadFailure> {
+        let bytes = self
+            .with_retries(key, "fetch", || self.store.get(key))
+            .await?;
+        self.stats
+            .bytes_fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(bytes)
+    }
+
+    /// Runs one store request for `key` in a fetch slot, retrying transient errors up to
+    /// `fetch_attempts` times with doubling delays ("not found" is not retried).
+    async fn with_retries<T, Request, Reply>(
+        &self,
+        key: &str,
+        what: &str,
+        mut request: Request,
+    ) -> Result<T, LoadFailure>
+    where
+        Request: FnMut() -> Reply,
+        Reply: std::future::Future<Output = Result<T, object_store::Error>>,
+    {
         let _fetch_slot = self
             .fetch_slots
             .acquire()
@@ -393,13 +470,8 @@ impl BatchLoader {
         let mut delay = self.options.retry_backoff;
         let mut attempt = 1;
         loop {
-            match self.store.get(key).await {
-                Ok(bytes) => {
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    return Ok(bytes);
-                }
+            match request().await {
+                Ok(reply) => return Ok(reply),
                 Err(error @ object_store::Error::NotFound { .. }) => {
                     return Err(LoadFailure::Fetch(error.to_string()))
                 }
@@ -409,7 +481,7 @@ impl BatchLoader {
                     )))
                 }
                 Err(error) => {
-                    warn!(key, attempt, error = %error, "fetch failed; retrying");
+                    warn!(key, attempt, error = %error, "{what} failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = delay.saturating_mul(2);
                     attempt += 1;
@@ -440,6 +512,75 @@ pub fn jpeg_decode_scales() -> &'static [JpegScale] {
     &SCALES
 }
 
+/// Decodes an image at the smallest DCT scale that still covers its cover-resized size in the
+/// bucket (`buffer`: pixels to reuse).
+fn decode_covering_bucket(
+    bytes: &[u8],
+    max_pixels: u64,
+    item_id: u64,
+    (bucket_width, bucket_height): (u32, u32),
+    buffer: Vec<u8>,
+) -> Result<DecodedImage, LoadFailure> {
+    decode_rgb_covering_reusing(
+        bytes,
+        max_pixels,
+        jpeg_decode_scales(),
+        |width, height| {
+            cover_geometry(item_id, width, height, bucket_width, bucket_height)
+                .ok()
+                .map(|geometry| (geometry.resized_width, geometry.resized_height))
+        },
+        buffer,
+    )
+    .map_err(LoadFailure::Decode)
+}
+
+/// One image cover-resized whole for the latent cache: f32 CHW in [-1, 1] at the geometry's
+/// encoded size.
+#[derive(Debug, Clone)]
+pub struct EncodingPixels {
+    pub geometry: LatentGeometry,
+    pub pixels: Vec<f32>,
+}
+
+/// Decode, orient, convert and cover-resize one image whole, cut to a multiple of 8 (runs on
+/// the worker pool).
+pub fn decode_for_encoding(
+    bytes: &[u8],
+    max_pixels: u64,
+    item_id: u64,
+    bucket_width: u32,
+    bucket_height: u32,
+) -> Result<EncodingPixels, LoadFailure> {
+    let decoded = decode_covering_bucket(
+        bytes,
+        max_pixels,
+        item_id,
+        (bucket_width, bucket_height),
+        Vec::new(),
+    )?;
+    let cover = cover_geometry(
+        item_id,
+        decoded.full_width,
+        decoded.full_height,
+        bucket_width,
+        bucket_height,
+    )
+    .map_err(|error| LoadFailure::Fit(error.to_string()))?;
+    let geometry = LatentGeometry::new(&cover);
+    let rgb = fit_rgb8(
+        &decoded,
+        &cover,
+        CropOffset { x: 0, y: 0 },
+        geometry.encoded_width,
+        geometry.encoded_height,
+    )
+    .map_err(LoadFailure::Fit)?;
+    let mut pixels = vec![0.0f32; rgb.len()];
+    rgb8_to_chw_f32(&rgb, &mut pixels);
+    Ok(EncodingPixels { geometry, pixels })
+}
+
 /// Decoded pixel buffers up to this size are kept for the thread's next image.
 const KEPT_DECODE_BUFFER_BYTES: usize = 32 << 20;
 
@@ -460,18 +601,13 @@ pub fn decode_and_fit(
 ) -> Result<FittedItem, LoadFailure> {
     // The cover size comes from the full-resolution upright size (read from the header), so
     // a JPEG is decoded at the smallest DCT scale that still covers it.
-    let decoded = decode_rgb_covering_reusing(
+    let decoded = decode_covering_bucket(
         bytes,
         max_pixels,
-        jpeg_decode_scales(),
-        |width, height| {
-            cover_geometry(item_id, width, height, bucket_width, bucket_height)
-                .ok()
-                .map(|geometry| (geometry.resized_width, geometry.resized_height))
-        },
+        item_id,
+        (bucket_width, bucket_height),
         DECODE_BUFFER.take(),
-    )
-    .map_err(LoadFailure::Decode)?;
+    )?;
     let fitted = fit_decoded(&decoded, item_id, bucket_width, bucket_height, seed, epoch);
     if decoded.image.pixels.capacity() <= KEPT_DECODE_BUFFER_BYTES {
         DECODE_BUFFER.set(decoded.image.pixels);

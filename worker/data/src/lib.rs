@@ -10,6 +10,9 @@
 //!   downscaled in the DCT domain when the bucket allows), fits ([`fit`]) and assembles batches of
 //!   f32 CHW pixels in [-1, 1] with per-item crop metadata; [`prefetcher`] runs it ahead of the
 //!   consumer on a worker pool.
+//! - [`latent_cache`] keeps VAE latent distributions of whole cover-resized images in an object
+//!   store, shared by every worker; [`latent_batch`] loads a batch through it (cached latents, or
+//!   the pixels to encode, each with its epoch's crop in latent space).
 
 pub mod batch_loader;
 pub mod caption;
@@ -21,6 +24,8 @@ pub mod fit;
 pub mod image_header;
 pub mod indexer;
 pub mod item_id;
+pub mod latent_batch;
+pub mod latent_cache;
 pub mod prefetcher;
 pub mod skip_reason;
 pub mod store;

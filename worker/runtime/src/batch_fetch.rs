@@ -6,10 +6,16 @@
 //! and then. Both the GPU trainer and the dry run load through it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use arbor_data::batch_loader::{Batch as LoadedBatch, BatchLoader, BatchRequest, LoadItem};
+use arbor_data::batch_loader::{
+    Batch as LoadedBatch, BatchLoader, BatchRequest, ItemFailure, LoadItem,
+};
+use arbor_data::latent_batch::{load_latent_batch, reuse_cached, LatentBatch};
+use arbor_data::latent_cache::{LatentCache, NewLatent};
 use arbor_data::DataError;
 use tokio::task::JoinHandle;
+use tracing::{info, warn};
 
 use crate::trainer::Batch;
 
@@ -17,7 +23,44 @@ use crate::trainer::Batch;
 /// loader's own pool of blocking threads.
 const FETCH_RUNTIME_THREADS: usize = 2;
 
-type LoadTask = JoinHandle<Result<LoadedBatch, DataError>>;
+type LoadTask = JoinHandle<Result<Fetched, DataError>>;
+
+/// A batch as the fetcher hands it over.
+#[derive(Debug)]
+pub enum Fetched {
+    /// Cropped pixels at the bucket's size.
+    Pixels(LoadedBatch),
+    /// Latent distributions (cached or to encode), with each item's crop in latent space.
+    Latents(LatentBatch),
+}
+
+impl Fetched {
+    /// The items that failed to load (their slots repeat another item).
+    pub fn failures(&self) -> &[ItemFailure] {
+        match self {
+            Fetched::Pixels(batch) => &batch.failures,
+            Fetched::Latents(batch) => &batch.failures,
+        }
+    }
+}
+
+/// The latent cache of a fetcher, with the digest of the VAE that encodes for it.
+#[derive(Clone)]
+struct LatentCacheUse {
+    cache: LatentCache,
+    vae_digest: Arc<str>,
+}
+
+impl LatentCacheUse {
+    async fn load(
+        &self,
+        loader: &BatchLoader,
+        request: &BatchRequest,
+    ) -> Result<Fetched, DataError> {
+        let batch = load_latent_batch(loader, &self.cache, request, &self.vae_digest).await?;
+        Ok(Fetched::Latents(batch))
+    }
+}
 
 /// Loads batches for one rank, announced ones in the background.
 pub struct BatchFetcher {
@@ -26,6 +69,9 @@ pub struct BatchFetcher {
     seed: u64,
     /// Loads in flight by (epoch, batch index), with the item ids each was started for.
     in_flight: HashMap<(u64, u64), (Vec<u64>, LoadTask)>,
+    latent_cache: Option<LatentCacheUse>,
+    /// Pack writes in flight.
+    writes: Vec<JoinHandle<()>>,
 }
 
 impl BatchFetcher {
@@ -42,7 +88,50 @@ impl BatchFetcher {
             runtime,
             seed,
             in_flight: HashMap::new(),
+            latent_cache: None,
+            writes: Vec::new(),
         })
+    }
+
+    /// Loads training batches through `cache` from now on, for the VAE whose weights digest to
+    /// `vae_digest` (validation batches stay pixels: [`BatchFetcher::load_pixels`]).
+    pub fn use_latent_cache(&mut self, cache: LatentCache, vae_digest: &str) {
+        self.latent_cache = Some(LatentCacheUse {
+            cache,
+            vae_digest: Arc::from(vae_digest),
+        });
+    }
+
+    /// The latent cache, when batches load through one.
+    pub fn latent_cache(&self) -> Option<&LatentCache> {
+        self.latent_cache.as_ref().map(|usage| &usage.cache)
+    }
+
+    /// Writes freshly encoded latents to the cache as the pack `pack_name`, in the background.
+    /// A failed write is logged and costs only a later re-encode.
+    pub fn store_latents(&mut self, pack_name: String, latents: Vec<NewLatent>) {
+        let Some(usage) = &self.latent_cache else {
+            return;
+        };
+        if latents.is_empty() {
+            return;
+        }
+        let cache = usage.cache.clone();
+        self.writes.retain(|task| !task.is_finished());
+        self.writes.push(self.runtime.spawn(async move {
+            match cache.write_pack(&pack_name, &latents).await {
+                Ok(bytes) => info!(pack = %pack_name, latents = latents.len(), bytes, "latent cache pack written"),
+                Err(error) => warn!(pack = %pack_name, error = %error, "latent cache pack could not be written; its items are encoded again later"),
+            }
+        }));
+    }
+
+    /// Waits for the pack writes in flight (before a checkpoint and at the end, so a finished
+    /// job's cache is complete).
+    pub fn flush_latent_writes(&mut self) {
+        for task in self.writes.drain(..) {
+            let _ = self.runtime.block_on(task);
+        }
     }
 
     /// The loader (for its running totals).
@@ -72,9 +161,10 @@ impl BatchFetcher {
             }
             let loader = self.loader.clone();
             let request = batch_request(batch, self.seed);
+            let latent_cache = self.latent_cache.clone();
             let task = self
                 .runtime
-                .spawn(async move { loader.load_batch(&request).await });
+                .spawn(async move { fetch(&loader, latent_cache.as_ref(), &request).await });
             if let Some((_, stale)) = self.in_flight.insert(key, (ids, task)) {
                 stale.abort();
             }
@@ -86,9 +176,32 @@ impl BatchFetcher {
         self.in_flight.len()
     }
 
-    /// `batch`'s pixels: its background load if one was started for these items, else a load
-    /// now. Blocks until they are ready.
-    pub fn load(&mut self, batch: &Batch) -> Result<LoadedBatch, DataError> {
+    /// `batch`'s pixels, loaded now (not through the latent cache): for validation batches,
+    /// which are not announced.
+    pub fn load_pixels(&mut self, batch: &Batch) -> Result<LoadedBatch, DataError> {
+        let request = batch_request(batch, self.seed);
+        self.runtime.block_on(self.loader.load_batch(&request))
+    }
+
+    /// `batch`: its background load if one was started for these items, else a load now.
+    /// Blocks until it is ready.
+    pub fn load(&mut self, batch: &Batch) -> Result<Fetched, DataError> {
+        let fetched = self.load_now_or_ahead(batch)?;
+        let Some(usage) = &self.latent_cache else {
+            return Ok(fetched);
+        };
+        match fetched {
+            Fetched::Latents(mut latents) => {
+                let request = batch_request(batch, self.seed);
+                self.runtime
+                    .block_on(reuse_cached(&usage.cache, &mut latents, &request));
+                Ok(Fetched::Latents(latents))
+            }
+            pixels => Ok(pixels),
+        }
+    }
+
+    fn load_now_or_ahead(&mut self, batch: &Batch) -> Result<Fetched, DataError> {
         if let Some((ids, task)) = self.in_flight.remove(&(batch.epoch, batch.index)) {
             if ids == item_ids(batch) {
                 return match self.runtime.block_on(task) {
@@ -102,7 +215,19 @@ impl BatchFetcher {
             task.abort();
         }
         let request = batch_request(batch, self.seed);
-        self.runtime.block_on(self.loader.load_batch(&request))
+        self.runtime
+            .block_on(fetch(&self.loader, self.latent_cache.as_ref(), &request))
+    }
+}
+
+async fn fetch(
+    loader: &BatchLoader,
+    latent_cache: Option<&LatentCacheUse>,
+    request: &BatchRequest,
+) -> Result<Fetched, DataError> {
+    match latent_cache {
+        Some(usage) => usage.load(loader, request).await,
+        None => loader.load_batch(request).await.map(Fetched::Pixels),
     }
 }
 
@@ -111,6 +236,7 @@ impl Drop for BatchFetcher {
         for (_, (_, task)) in self.in_flight.drain() {
             task.abort();
         }
+        self.flush_latent_writes();
     }
 }
 

@@ -1,5 +1,6 @@
-//! What the model sees of one batch: the loader's pixels as a [B, 3, H, W] tensor and each
-//! slot's augmented caption, plus the seed of the step's random draws.
+//! What the model sees of one batch: the loader's pixels as a [B, 3, H, W] tensor (or, with the
+//! latent cache, the batch's latent distributions) and each slot's augmented caption, plus the
+//! seed of the step's random draws.
 //!
 //! The loader (arbor-data) fills the slot of an item that failed to load with another item of
 //! the batch (`ItemCrop::loaded_id`); the caption follows the pixels, so a replaced slot trains
@@ -10,6 +11,7 @@
 use std::collections::HashMap;
 
 use arbor_data::batch_loader::Batch as LoadedBatch;
+use arbor_data::latent_batch::LatentBatch;
 use arbor_runtime::trainer::BatchItem;
 use tch::{Device, Tensor};
 
@@ -20,12 +22,21 @@ use crate::train::caption_augment::CaptionAugment;
 /// One batch ready for the model.
 #[derive(Debug)]
 pub struct BatchInputs {
-    /// [B, 3, H, W] in [-1, 1] on the training device.
-    pub pixels: Tensor,
+    /// The images, as pixels or as latent distributions from the cache.
+    pub images: BatchImages,
     /// The augmented caption of each slot.
     pub captions: Vec<String>,
-    /// Every item failed to load: the pixels are placeholders.
+    /// Every item failed to load: the images are placeholders.
     pub all_failed: bool,
+}
+
+/// A batch's images.
+#[derive(Debug)]
+pub enum BatchImages {
+    /// [B, 3, H, W] in [-1, 1] on the training device, for the VAE to encode.
+    Pixels(Tensor),
+    /// Loaded through the latent cache ([`crate::train::cached_latents`]).
+    Latents(LatentBatch),
 }
 
 impl BatchInputs {
@@ -40,14 +51,7 @@ impl BatchInputs {
         device: Device,
     ) -> Result<Self> {
         if loaded.len() != items.len() || loaded.is_empty() {
-            return Err(WorkerError::Input {
-                name: "batch".to_string(),
-                message: format!(
-                    "the loader returned {} slots for {} items",
-                    loaded.len(),
-                    items.len()
-                ),
-            });
+            return Err(slot_count_error(loaded.len(), items.len()));
         }
         let expected = loaded.len() * loaded.item_len();
         if loaded.pixels.len() != expected {
@@ -56,23 +60,8 @@ impl BatchInputs {
                 message: format!("{} values, expected {expected}", loaded.pixels.len()),
             });
         }
-        let captions_by_id: HashMap<u64, &str> = items
-            .iter()
-            .map(|item| (item.id, item.caption.as_str()))
-            .collect();
-        let mut all_failed = true;
-        let captions = loaded
-            .items
-            .iter()
-            .map(|slot| match slot.loaded_id {
-                Some(loaded_id) => {
-                    all_failed = false;
-                    let caption = captions_by_id.get(&loaded_id).copied().unwrap_or("");
-                    augment.apply(caption, seed, epoch, loaded_id)
-                }
-                None => String::new(),
-            })
-            .collect();
+        let loaded_ids: Vec<Option<u64>> = loaded.items.iter().map(|slot| slot.loaded_id).collect();
+        let (captions, all_failed) = slot_captions(&loaded_ids, items, augment, seed, epoch);
         let pixels = Tensor::from_slice(&loaded.pixels).view([
             loaded.len() as i64,
             3,
@@ -81,11 +70,67 @@ impl BatchInputs {
         ]);
         let pixels = host_to_device(&pixels, device)?;
         Ok(Self {
-            pixels,
+            images: BatchImages::Pixels(pixels),
             captions,
             all_failed,
         })
     }
+
+    /// Builds the inputs of a batch loaded through the latent cache (for `items`, in order);
+    /// captions as in [`BatchInputs::build`].
+    pub fn from_latents(
+        loaded: LatentBatch,
+        items: &[BatchItem],
+        augment: &CaptionAugment,
+        seed: u64,
+        epoch: u64,
+    ) -> Result<Self> {
+        if loaded.slots.len() != items.len() || loaded.slots.is_empty() {
+            return Err(slot_count_error(loaded.slots.len(), items.len()));
+        }
+        let (captions, all_failed) =
+            slot_captions(&loaded.loaded_ids(), items, augment, seed, epoch);
+        Ok(Self {
+            images: BatchImages::Latents(loaded),
+            captions,
+            all_failed,
+        })
+    }
+}
+
+fn slot_count_error(slots: usize, items: usize) -> WorkerError {
+    WorkerError::Input {
+        name: "batch".to_string(),
+        message: format!("the loader returned {slots} slots for {items} items"),
+    }
+}
+
+/// Each slot's augmented caption: the caption of the item whose image fills it (empty when
+/// every item failed), and whether every item failed.
+fn slot_captions(
+    loaded_ids: &[Option<u64>],
+    items: &[BatchItem],
+    augment: &CaptionAugment,
+    seed: u64,
+    epoch: u64,
+) -> (Vec<String>, bool) {
+    let captions_by_id: HashMap<u64, &str> = items
+        .iter()
+        .map(|item| (item.id, item.caption.as_str()))
+        .collect();
+    let mut all_failed = true;
+    let captions = loaded_ids
+        .iter()
+        .map(|loaded_id| match loaded_id {
+            Some(loaded_id) => {
+                all_failed = false;
+                let caption = captions_by_id.get(loaded_id).copied().unwrap_or("");
+                augment.apply(caption, seed, epoch, *loaded_id)
+            }
+            None => String::new(),
+        })
+        .collect();
+    (captions, all_failed)
 }
 
 /// The seed of one micro-step's random draws (VAE posterior sample, noise, timesteps,

@@ -32,15 +32,17 @@ use arbor_common::assign::{Assigner, BucketedItems};
 use arbor_common::buckets::BucketTable;
 use arbor_common::config::{JobConfig, LrScheduler};
 use arbor_data::batch_loader::{BatchLoader, LoaderOptions};
+use arbor_data::latent_cache::LatentCache;
 use arbor_data::store::DatasetStore;
-use arbor_runtime::batch_fetch::BatchFetcher;
+use arbor_runtime::batch_fetch::{BatchFetcher, Fetched};
 use arbor_runtime::trainer::{Batch, BatchOutcome, GroupInfo, Trainer, ValidationItem};
 use tch::{Device, Kind, Tensor};
 use tracing::{info, warn};
 
 use crate::error::{Result, WorkerError};
 use crate::train::adamw::{AdamW, AdamWConfig};
-use crate::train::batch_inputs::{batch_seed, BatchInputs};
+use crate::train::batch_inputs::{batch_seed, BatchImages, BatchInputs};
+use crate::train::cached_latents::{cached_latents, vae_digest};
 use crate::train::caption_augment::CaptionAugment;
 use crate::train::checkpoint::{
     copy_tensors_by_name, read_checkpoint, write_checkpoint_part, CheckpointContents,
@@ -337,7 +339,13 @@ impl TchTrainer {
         };
         let store = DatasetStore::open(&root)?;
         let loader = BatchLoader::new(store, LoaderOptions::default())?;
-        let fetcher = BatchFetcher::new(loader, config.job.seed)?;
+        let mut fetcher = BatchFetcher::new(loader, config.job.seed)?;
+        if config.train.cache_latents {
+            let location = config.data.latent_cache_location(&config.job.run_dir);
+            let digest = vae_digest(&model.vae_store)?;
+            fetcher.use_latent_cache(LatentCache::open(&location)?, &digest);
+            info!(cache = %location, vae_digest = %&digest[..16], "latent cache on");
+        }
         info!(dataset = %root, run_dir = run_dir.location(), "training session ready");
         Ok(Session {
             config: config.clone(),
@@ -544,27 +552,50 @@ impl TchTrainer {
         let timed = time_phases_every > 0 && (self.step + 1) % time_phases_every == 0;
         let mut clock = PhaseClock::start(device, timed);
         let seed = session.config.job.seed;
-        let loaded = session.fetcher.load(batch)?;
+        let fetched = session.fetcher.load(batch)?;
         let data_wait_seconds = started.elapsed().as_secs_f64();
         clock.lap(Phase::DataWait);
-        for failure in &loaded.failures {
+        let failures = fetched.failures().to_vec();
+        for failure in &failures {
             warn!(rank, item = failure.id, key = %failure.key, reason = %failure.reason, "item failed to load; its slot repeats another item");
         }
-        let inputs = BatchInputs::build(
-            &loaded,
-            &batch.items,
-            &session.augment,
-            seed,
-            batch.epoch,
-            device,
-        )?;
+        let inputs = match fetched {
+            Fetched::Pixels(loaded) => BatchInputs::build(
+                &loaded,
+                &batch.items,
+                &session.augment,
+                seed,
+                batch.epoch,
+                device,
+            )?,
+            Fetched::Latents(loaded) => BatchInputs::from_latents(
+                loaded,
+                &batch.items,
+                &session.augment,
+                seed,
+                batch.epoch,
+            )?,
+        };
         tch::manual_seed(batch_seed(seed, batch.epoch, batch.index, rank));
         self.epochs_begun = batch.epoch + 1;
         let model = &session.model;
         let mut token_lengths = TokenLengthHistogram::default();
         let context = model.encode_prompts(&inputs.captions, Some(&mut token_lengths))?;
         self.window.histogram.merge(&token_lengths);
-        let latents = model.encode_images(&inputs.pixels);
+        let latents = match &inputs.images {
+            BatchImages::Pixels(pixels) => model.encode_images(pixels),
+            BatchImages::Latents(loaded) => {
+                let cached = cached_latents(model, loaded)?;
+                let pack_name = format!(
+                    "e{}-r{rank}-b{}-{}",
+                    batch.epoch,
+                    batch.index,
+                    unique_suffix()
+                );
+                session.fetcher.store_latents(pack_name, cached.new_entries);
+                cached.latents
+            }
+        };
         clock.lap(Phase::Encode);
         let noise = model.training_noise(&latents);
         let batch_size = latents.size()[0];
@@ -612,7 +643,7 @@ impl TchTrainer {
         } else {
             None
         };
-        let failed_items = loaded.failures.len() as u32;
+        let failed_items = failures.len() as u32;
         let window = &mut self.window;
         window.micro_batches += 1;
         window.loss_sum = Some(match window.loss_sum.take() {
@@ -637,7 +668,7 @@ impl TchTrainer {
         Ok(BatchOutcome {
             loss: loss_value,
             data_wait_seconds,
-            failures: loaded.failures.iter().map(ToString::to_string).collect(),
+            failures: failures.iter().map(ToString::to_string).collect(),
             learning_rate: Some(learning_rate),
             token_length_counts: token_lengths.counts(),
             validation: self.last_validation.take(),
@@ -957,6 +988,23 @@ impl TchTrainer {
             ema_updates: session.ema.as_ref().map_or(0, Ema::update_count),
         };
         write_checkpoint_part(&session.run_dir, &contents)?;
+        // The latents encoded so far are in the cache before the checkpoint counts as taken,
+        // so a job resumed from it does not encode them again.
+        session.fetcher.flush_latent_writes();
+        if let Some(cache) = session.fetcher.latent_cache() {
+            let totals = cache.totals();
+            info!(
+                rank,
+                step,
+                hits = totals.hits,
+                misses = totals.misses,
+                written = totals.written,
+                bytes_read = totals.bytes_read,
+                bytes_written = totals.bytes_written,
+                bad_indexes = totals.bad_indexes,
+                "latent cache"
+            );
+        }
         if let Some(logs) = session.logs.as_mut() {
             logs.flush()?;
         }
@@ -966,6 +1014,9 @@ impl TchTrainer {
     fn finish_run(&mut self) -> Result<()> {
         self.group = None;
         self.store = None;
+        if let Some(session) = self.session.as_mut() {
+            session.fetcher.flush_latent_writes();
+        }
         // The run's last step is a checkpoint, so this is normally empty; without the group, a
         // remainder is booked with this rank's losses.
         self.read_back_pending_steps()?;
@@ -1056,6 +1107,15 @@ fn dataset_tag_frequency(config: &JobConfig) -> Option<BTreeMap<String, u64>> {
         }
     }
     Some(frequency)
+}
+
+/// A suffix that makes a latent cache pack's name unique across processes and jobs writing to
+/// the same cache: the process id and the time in nanoseconds.
+fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    format!("{}-{nanos}", std::process::id())
 }
 
 fn unix_time_now() -> f64 {

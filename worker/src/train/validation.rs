@@ -57,7 +57,7 @@ pub fn rank_validation_sums(
             items: vec![validation_item.item.clone()],
             epoch_batches: 1,
         };
-        let loaded = fetcher.load(&batch)?;
+        let loaded = fetcher.load_pixels(&batch)?;
         if loaded
             .items
             .first()

@@ -20,6 +20,7 @@ mod hypernetwork_parity;
 mod hypernetwork_probe;
 mod hypernetwork_pt_format;
 mod hypernetwork_shallow_penalty;
+mod latent_cache;
 mod lora;
 mod loss_curve;
 mod probe_parity;
