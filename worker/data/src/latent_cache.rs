@@ -293,7 +293,10 @@ impl LatentCache {
         }
         for entry in &index.entries {
             let values: u64 = entry.shape.iter().map(|&dim| u64::from(dim)).product();
-            if values * 2 != entry.length || entry.shape.contains(&0) {
+            if values * 2 != entry.length
+                || entry.shape.contains(&0)
+                || entry.offset.checked_add(entry.length).is_none()
+            {
                 return Err(format!(
                     "entry {} has shape {:?} and {} bytes",
                     entry.key, entry.shape, entry.length

@@ -140,6 +140,9 @@ impl Default for JobSpec {
 pub struct Job {
     base: LoopbackJob,
     started_workers: u32,
+    /// Environment variables every worker started from now on gets (an object store's
+    /// credentials, say).
+    pub worker_env: Vec<(String, String)>,
 }
 
 arbor_testkit::loopback_job!(
@@ -230,6 +233,7 @@ steps = 2
         Self {
             base,
             started_workers: 0,
+            worker_env: Vec::new(),
         }
     }
 
@@ -278,6 +282,7 @@ steps = 2
             .args(["--connect-timeout-s", "60"])
             .args(["--device", "cpu", "--threads", "1"])
             .args(extra_args)
+            .envs(self.worker_env.iter().map(|(key, value)| (key, value)))
             .env("ARBOR_TOKEN", TOKEN)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use arbor_data::store::DatasetStore;
+use arbor_testkit::moto::MotoServer;
 use arbor_testkit::process::signal;
 use serde_json::Value;
 
@@ -14,20 +16,31 @@ use crate::e2e_support::{one_job_at_a_time, Job, JobSpec};
 
 const JOB_LIMIT: Duration = Duration::from_secs(240);
 
-/// Every index entry of the cache at `cache`: (key, pack) pairs, one per latent written.
+/// Every index entry of the cache at `cache` (a folder): (key, pack) pairs, one per latent
+/// written; every pack an index names is there.
 fn cache_entries(cache: &Path) -> Vec<(String, String)> {
-    let index_dir = cache.join("v1/index");
+    if !cache.exists() {
+        return Vec::new();
+    }
+    let store = DatasetStore::open(&cache.display().to_string()).unwrap();
+    store_entries(&store)
+}
+
+/// [`cache_entries`] of a cache in any store.
+fn store_entries(store: &DatasetStore) -> Vec<(String, String)> {
+    let runtime = arbor_testkit::runtime();
+    let keys = runtime.block_on(store.list_keys()).unwrap();
     let mut entries = Vec::new();
-    let Ok(listing) = std::fs::read_dir(&index_dir) else {
-        return entries;
-    };
-    for file in listing {
-        let path = file.unwrap().path();
-        let index: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for (key, _) in &keys {
+        if !(key.starts_with("v1/index/") && key.ends_with(".json")) {
+            continue;
+        }
+        let bytes = runtime.block_on(store.get(key)).unwrap();
+        let index: Value = serde_json::from_slice(&bytes).unwrap();
         let pack = index["pack"].as_str().unwrap().to_string();
         assert!(
-            cache.join(&pack).is_file(),
-            "{path:?} names a pack that is not there"
+            keys.iter().any(|(other, _)| *other == pack),
+            "{key} names a pack that is not there"
         );
         for entry in index["entries"].as_array().unwrap() {
             entries.push((entry["key"].as_str().unwrap().to_string(), pack.clone()));
@@ -36,14 +49,11 @@ fn cache_entries(cache: &Path) -> Vec<(String, String)> {
     entries
 }
 
-fn with_cache(job: &Job, cache: &Path) {
+fn with_cache(job: &Job, cache: &str) {
     let config_path = job.path().join("job.toml");
     let config = std::fs::read_to_string(&config_path).unwrap();
     let config = config
-        .replace(
-            "[data]\n",
-            &format!("[data]\nlatent_cache = \"{}\"\n", cache.display()),
-        )
+        .replace("[data]\n", &format!("[data]\nlatent_cache = \"{cache}\"\n"))
         .replace("[train]\n", "[train]\ncache_latents = true\n");
     std::fs::write(&config_path, config).unwrap();
 }
@@ -64,10 +74,9 @@ fn start_cached_job(spec: JobSpec) -> (Job, PathBuf) {
         samples_every: 100,
         ..spec
     };
-    let job = Job::new(&spec);
+    let mut job = Job::new(&spec);
     let cache = job.path().join("cache");
-    with_cache(&job, &cache);
-    let mut job = job;
+    with_cache(&job, &cache.display().to_string());
     start(&mut job);
     (job, cache)
 }
@@ -224,6 +233,42 @@ fn a_fill_with_a_worker_sigkilled_mid_epoch_ends_complete_with_little_encoded_tw
         "{twice} latents encoded twice (at most {in_flight} in flight): {counts:?}\n{}",
         job.logs()
     );
+}
+
+#[test]
+fn the_cache_works_on_an_s3_server() {
+    let _one = one_job_at_a_time();
+    let mut server = MotoServer::start();
+    server.create_bucket("arbor-cache");
+    let spec = JobSpec {
+        epochs: 2,
+        mode: "hypernetwork",
+        samples_every: 100,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    let location = "s3://arbor-cache/shared/latents";
+    with_cache(&job, location);
+    job.worker_env = server.environment();
+    start(&mut job);
+    wait_success(&mut job);
+    let store = DatasetStore::open_with_options(location, server.options()).unwrap();
+    let entries = store_entries(&store);
+    let counts = writes_per_key(&entries);
+    assert!(counts.len() >= spec.items, "{counts:?}\n{}", job.logs());
+    assert!(
+        counts.values().all(|&count| count == 1),
+        "latents encoded twice: {counts:?}\n{}",
+        job.logs()
+    );
+    let (hits, misses) = cache_totals(&job, 0..2);
+    assert_eq!(misses as usize, entries.len(), "{}", job.logs());
+    assert!(
+        hits > 0,
+        "the second epoch read nothing back\n{}",
+        job.logs()
+    );
+    server.stop();
 }
 
 /// The cache's pieces on the tiny model: the stored distribution is the fresh encode's (within
