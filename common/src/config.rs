@@ -281,6 +281,10 @@ pub struct TrainSection {
     /// cached latent distribution (`data.latent_cache`); the epochs' random crops are taken in
     /// latent space, at 8-pixel granularity.
     pub cache_latents: bool,
+    /// Set by `arbor cache`: the job only fills the latent cache (one epoch; the workers load
+    /// the VAE alone, encode what the cache misses, and train nothing).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fill_cache_only: bool,
     /// Every this many optimizer steps, the worker times the phases of the step (data wait,
     /// encode, forward, backward, all-reduce, optimizer) by waiting for the device at each
     /// boundary, and writes them to `metrics.jsonl` as `phase_seconds`; 0 turns it off. The
@@ -307,6 +311,7 @@ impl Default for TrainSection {
             weight_decay: 0.01,
             ema_decay: 0.0,
             cache_latents: false,
+            fill_cache_only: false,
             time_phases_every: 10,
             min_snr_gamma: None,
             noise_offset: 0.0,
@@ -864,6 +869,12 @@ impl JobConfig {
             return Err(invalid(
                 "schedule.epochs",
                 "must be at least 1 (or set max_steps)",
+            ));
+        }
+        if self.train.fill_cache_only && !self.train.cache_latents {
+            return Err(invalid(
+                "train.fill_cache_only",
+                "needs train.cache_latents = true (it is set by `arbor cache`)",
             ));
         }
         if let Some(location) = &self.data.latent_cache {

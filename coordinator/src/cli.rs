@@ -4,8 +4,8 @@ use arbor_common::logging::LogFlags;
 use clap::{Parser, Subcommand};
 
 use crate::{
-    checkpoint_command, coordinator_command, index_command, launch_command, plan_command,
-    preview_command, status_command, worker_command,
+    cache_command, checkpoint_command, coordinator_command, index_command, launch_command,
+    plan_command, preview_command, status_command, worker_command,
 };
 
 /// arbor trains Stable Diffusion 1.x models across GPU nodes with NovelAI's aspect-ratio
@@ -37,6 +37,10 @@ pub enum Command {
     /// Ask a running job to checkpoint soon (at an accumulation window's end every rank can
     /// still reach); `--wait` blocks until it is complete.
     Checkpoint(checkpoint_command::CheckpointArgs),
+    /// Fill the latent cache (`train.cache_latents`) ahead of training: serve the job for one
+    /// epoch in which `arbor-worker train` processes only encode the images the cache lacks
+    /// (state in `<job.run_dir>/cache-fill`; progress and ETA in `arbor status`).
+    Cache(cache_command::CacheArgs),
     /// Start a coordinator and N local workers as processes (logs prefixed; Ctrl-C stops all).
     Launch(launch_command::LaunchArgs),
     /// Index a dataset (a folder or an object-store prefix) into a JSON Lines manifest: sizes
@@ -56,6 +60,7 @@ impl Cli {
             Command::Worker(args) => worker_command::run(args),
             Command::Status(args) => status_command::run(args),
             Command::Checkpoint(args) => checkpoint_command::run(args),
+            Command::Cache(args) => cache_command::run(args),
             Command::Launch(args) => launch_command::run(args),
             Command::Index(args) => index_command::run(args),
             Command::Preview(args) => preview_command::run(args),

@@ -1,10 +1,12 @@
 //! `arbor coordinator`: serve one job (docs/architecture.md §6).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use arbor_common::config::JobConfig;
 use arbor_proto::v1::coordinator_server::CoordinatorServer;
 use clap::Args;
 use tokio::sync::watch;
@@ -33,16 +35,30 @@ pub struct CoordinatorArgs {
 }
 
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> {
+    let config = args.config.load()?;
+    serve_job(config, args.config.base_dir(), args.keep_serving)
+}
+
+/// Serves the job of `config` (relative paths are relative to `base`, the config file's folder)
+/// until it ends; `keep_serving` as `--keep-serving`.
+pub fn serve_job(
+    config: JobConfig,
+    base: PathBuf,
+    keep_serving: bool,
+) -> anyhow::Result<std::process::ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(config, base, keep_serving))
 }
 
-async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> {
-    let config = Arc::new(args.config.load()?);
-    let base = args.config.base_dir();
+async fn serve(
+    config: JobConfig,
+    base: PathBuf,
+    keep_serving: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    let config = Arc::new(config);
     let token = job_token(&config, &base)?;
     let run_store = open_run_store(&config.job.run_dir, &base)?;
     let run_dir = run_store.location();
@@ -129,6 +145,20 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
     worker_config.data.manifest = manifest.clone();
     worker_config.data.root = Some(data_root);
     worker_config.job.run_dir = run_dir.clone();
+    // The latent cache too: the run directory's `latent-cache`, or `data.latent_cache` with a
+    // relative path made the job file's.
+    if config.train.cache_latents {
+        let location = match &config.data.latent_cache {
+            Some(location) if !is_remote(location) => {
+                local_path(location, &base, "data.latent_cache")?
+                    .display()
+                    .to_string()
+            }
+            _ => config.data.latent_cache_location(&run_dir),
+        };
+        info!(cache = %location, fill_only = config.train.fill_cache_only, "latent cache");
+        worker_config.data.latent_cache = Some(location);
+    }
     // Like the manifest and run_dir, a relative model path is the job file's, not each
     // worker's working directory's.
     if !config.model.path.is_empty() && !is_remote(&config.model.path) {
@@ -164,7 +194,7 @@ async fn serve(args: CoordinatorArgs) -> anyhow::Result<std::process::ExitCode> 
         shared.clone(),
         config.clone(),
         shutdown_sender.clone(),
-        args.keep_serving,
+        keep_serving,
     ));
     tokio::spawn(stop_on_signal(shutdown_sender.clone()));
     let metrics_listener = tokio::net::TcpListener::bind(metrics_listen)

@@ -1,6 +1,7 @@
 //! `arbor-coordinator`: the control plane (no libtorch). The `arbor` binary's commands live in
 //! [`cli`]; the server in [`server`]; the libtorch-free dry-run worker in [`worker_command`].
 
+pub mod cache_command;
 pub mod checkpoint_command;
 pub mod cli;
 pub mod client_flags;

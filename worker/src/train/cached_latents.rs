@@ -11,12 +11,14 @@ use std::collections::BTreeMap;
 
 use arbor_data::latent_batch::{LatentBatch, LatentSource};
 use arbor_data::latent_cache::NewLatent;
+use arbor_runtime::batch_fetch::BatchFetcher;
 use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
+use tracing::info;
 
 use crate::error::{Result, WorkerError};
 use crate::train::training_model::TrainingModel;
-use crate::vae::DiagonalGaussian;
+use crate::vae::{AutoencoderKL, DiagonalGaussian};
 
 /// A digest of the VAE's weights (names, shapes, element types and values, in name order): part
 /// of every cache key, so another VAE never reads this one's latents.
@@ -42,6 +44,25 @@ pub fn vae_digest(vae_store: &nn::VarStore) -> Result<String> {
         .collect())
 }
 
+/// What encodes the items the cache does not have: the frozen VAE on its device, under bf16
+/// autocast when the job trains in bf16 on CUDA.
+pub struct LatentEncoder<'a> {
+    pub vae: &'a AutoencoderKL,
+    pub device: Device,
+    pub autocast_bf16: bool,
+}
+
+impl<'a> LatentEncoder<'a> {
+    /// The encoder of a training model.
+    pub fn of_model(model: &'a TrainingModel) -> Self {
+        Self {
+            vae: &model.vae,
+            device: model.device,
+            autocast_bf16: model.autocast_bf16,
+        }
+    }
+}
+
 /// The latents of one batch loaded through the cache, and the distributions to write back.
 pub struct CachedLatents {
     /// [B, C, h, w] f32 on the model's device, scaled by the VAE's scaling factor.
@@ -54,7 +75,7 @@ pub struct CachedLatents {
 /// Each item's distribution [2·C, h, w] as f16 on the CPU: read from the cache's bytes, or
 /// encoded now (items of one encoded size in one VAE call).
 pub fn item_distributions(
-    model: &TrainingModel,
+    encoder: &LatentEncoder<'_>,
     batch: &LatentBatch,
 ) -> Result<(Vec<Tensor>, Vec<NewLatent>)> {
     let mut distributions: Vec<Option<Tensor>> = (0..batch.items.len()).map(|_| None).collect();
@@ -82,9 +103,13 @@ pub fn item_distributions(
             };
             images.push(Tensor::from_slice(pixels).view([3, i64::from(height), i64::from(width)]));
         }
-        let pixels = Tensor::stack(&images, 0).to_device(model.device);
+        let pixels = Tensor::stack(&images, 0).to_device(encoder.device);
         let moments = tch::no_grad(|| {
-            let posterior = model.autocast(|| model.vae.encode(&pixels));
+            let posterior = if encoder.autocast_bf16 {
+                tch::autocast(true, || encoder.vae.encode(&pixels))
+            } else {
+                encoder.vae.encode(&pixels)
+            };
             Tensor::cat(&[&posterior.mean, &posterior.logvar], 1)
                 .to_kind(Kind::Half)
                 .to_device(Device::Cpu)
@@ -179,7 +204,7 @@ pub fn cached_latents(model: &TrainingModel, batch: &LatentBatch) -> Result<Cach
             message: "the latent batch has no slots".to_string(),
         });
     }
-    let (distributions, new_entries) = item_distributions(model, batch)?;
+    let (distributions, new_entries) = item_distributions(&LatentEncoder::of_model(model), batch)?;
     let latent_channels = model.vae.config().latent_channels;
     let posterior = cropped_posterior(batch, &distributions, latent_channels, model.device)?;
     let latents = tch::no_grad(|| posterior.sample() * model.vae.scaling_factor());
@@ -187,4 +212,24 @@ pub fn cached_latents(model: &TrainingModel, batch: &LatentBatch) -> Result<Cach
         latents,
         new_entries,
     })
+}
+
+/// Logs the running totals of `fetcher`'s latent cache, if it has one (at checkpoints and at the
+/// end of a run).
+pub fn log_cache_totals(fetcher: &BatchFetcher, rank: u32, step: u64) {
+    let Some(cache) = fetcher.latent_cache() else {
+        return;
+    };
+    let totals = cache.totals();
+    info!(
+        rank,
+        step,
+        hits = totals.hits,
+        misses = totals.misses,
+        written = totals.written,
+        bytes_read = totals.bytes_read,
+        bytes_written = totals.bytes_written,
+        bad_indexes = totals.bad_indexes,
+        "latent cache"
+    );
 }

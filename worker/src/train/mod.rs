@@ -7,6 +7,7 @@
 
 pub mod adamw;
 pub mod batch_inputs;
+pub mod cache_fill;
 pub mod cached_latents;
 pub mod caption_augment;
 pub mod checkpoint;

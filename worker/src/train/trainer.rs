@@ -42,7 +42,8 @@ use tracing::{info, warn};
 use crate::error::{Result, WorkerError};
 use crate::train::adamw::{AdamW, AdamWConfig};
 use crate::train::batch_inputs::{batch_seed, BatchImages, BatchInputs};
-use crate::train::cached_latents::{cached_latents, vae_digest};
+use crate::train::cache_fill::CacheFiller;
+use crate::train::cached_latents::{cached_latents, log_cache_totals, vae_digest};
 use crate::train::caption_augment::CaptionAugment;
 use crate::train::checkpoint::{
     copy_tensors_by_name, read_checkpoint, write_checkpoint_part, CheckpointContents,
@@ -208,6 +209,9 @@ pub struct TchTrainer {
     last_sampled_step: Option<u64>,
     /// A checkpoint read by `check_checkpoint`, for the `start` that resumes from it.
     checked_checkpoint: Option<(String, CheckpointContents)>,
+    /// Set by `start` for a job that only fills the latent cache (`train.fill_cache_only`):
+    /// every call goes to it, and nothing else is loaded.
+    filler: Option<CacheFiller>,
 }
 
 impl std::fmt::Debug for TchTrainer {
@@ -290,6 +294,7 @@ impl TchTrainer {
             pending: PendingSteps::default(),
             last_sampled_step: None,
             checked_checkpoint: None,
+            filler: None,
         }
     }
 
@@ -991,20 +996,7 @@ impl TchTrainer {
         // The latents encoded so far are in the cache before the checkpoint counts as taken,
         // so a job resumed from it does not encode them again.
         session.fetcher.flush_latent_writes();
-        if let Some(cache) = session.fetcher.latent_cache() {
-            let totals = cache.totals();
-            info!(
-                rank,
-                step,
-                hits = totals.hits,
-                misses = totals.misses,
-                written = totals.written,
-                bytes_read = totals.bytes_read,
-                bytes_written = totals.bytes_written,
-                bad_indexes = totals.bad_indexes,
-                "latent cache"
-            );
-        }
+        log_cache_totals(&session.fetcher, rank, step);
         if let Some(logs) = session.logs.as_mut() {
             logs.flush()?;
         }
@@ -1175,6 +1167,18 @@ fn lr_schedule(config: &JobConfig, world_size: u32) -> Result<LrSchedule> {
 
 impl Trainer for TchTrainer {
     fn start(&mut self, group: &GroupInfo, config: &JobConfig) -> std::result::Result<(), String> {
+        if config.train.fill_cache_only {
+            if self.filler.is_none() {
+                let filler =
+                    CacheFiller::open(config, self.options.device, self.options.data_root.as_ref())
+                        .map_err(|error| format!("starting rank {}: {error}", group.rank))?;
+                self.filler = Some(filler);
+            }
+            if let Some(filler) = self.filler.as_mut() {
+                filler.start(group, config);
+            }
+            return Ok(());
+        }
         self.start_group(group, config)
             .map_err(|error| format!("starting rank {}: {error}", group.rank))
     }
@@ -1184,6 +1188,10 @@ impl Trainer for TchTrainer {
         config: &JobConfig,
         checkpoint: &str,
     ) -> std::result::Result<(), String> {
+        // A fill resumes from positions only: its work is in the cache.
+        if config.train.fill_cache_only {
+            return Ok(());
+        }
         self.checked_checkpoint = None;
         let run_dir = RunDir::open(&config.job.run_dir).map_err(|error| error.to_string())?;
         let contents = read_checkpoint(&run_dir, checkpoint).map_err(|error| error.to_string())?;
@@ -1192,6 +1200,9 @@ impl Trainer for TchTrainer {
     }
 
     fn upcoming(&mut self, batches: &[Batch]) {
+        if let Some(filler) = self.filler.as_mut() {
+            filler.announce(batches);
+        }
         if let Some(session) = self.session.as_mut() {
             session.fetcher.announce(batches);
         }
@@ -1202,7 +1213,11 @@ impl Trainer for TchTrainer {
     }
 
     fn train_batch(&mut self, batch: &Batch) -> std::result::Result<BatchOutcome, String> {
-        self.train(batch).map_err(|error| {
+        let outcome = match self.filler.as_mut() {
+            Some(filler) => filler.fill(batch),
+            None => self.train(batch),
+        };
+        outcome.map_err(|error| {
             format!(
                 "rank {} epoch {} batch {}: {error}",
                 self.position.rank, batch.epoch, batch.index
@@ -1211,11 +1226,22 @@ impl Trainer for TchTrainer {
     }
 
     fn checkpoint(&mut self, step: u64, epoch: u64, batch: u64) -> std::result::Result<(), String> {
+        if let Some(filler) = self.filler.as_mut() {
+            filler.flush(step);
+            return Ok(());
+        }
         self.write_checkpoint(step, epoch, batch)
             .map_err(|error| format!("checkpoint at step {step}: {error}"))
     }
 
     fn export(&mut self, step: u64) -> std::result::Result<(), String> {
+        if self.filler.is_some() {
+            info!(
+                step,
+                "export requested while filling the latent cache (nothing to export)"
+            );
+            return Ok(());
+        }
         if self.position.rank != 0 {
             return Ok(());
         }
@@ -1232,6 +1258,10 @@ impl Trainer for TchTrainer {
     }
 
     fn finish(&mut self) -> std::result::Result<(), String> {
+        if let Some(filler) = self.filler.as_mut() {
+            filler.flush(0);
+            return Ok(());
+        }
         self.finish_run()
             .map_err(|error| format!("finishing the run: {error}"))
     }

@@ -251,8 +251,14 @@ steps = 2
     }
 
     pub fn start_coordinator(&mut self) {
+        self.start_coordinator_command("coordinator");
+    }
+
+    /// Starts `arbor <command> --config job.toml` as the job's coordinator (`cache` fills the
+    /// latent cache).
+    pub fn start_coordinator_command(&mut self, command: &str) {
         let child = Command::new(arbor_bin())
-            .args(["coordinator", "--config"])
+            .args([command, "--config"])
             .arg(self.path().join("job.toml"))
             .env("ARBOR_TOKEN", TOKEN)
             .env("ARBOR_LOG", "info")

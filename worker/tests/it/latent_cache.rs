@@ -184,22 +184,19 @@ fn cache_totals(job: &Job, numbers: std::ops::Range<u32>) -> (u64, u64) {
     totals
 }
 
-#[test]
-fn a_fill_with_a_worker_sigkilled_mid_epoch_ends_complete_with_little_encoded_twice() {
-    let _one = one_job_at_a_time();
-    let spec = JobSpec {
-        items: 36,
-        epochs: 2,
-        checkpoint_every: 3,
-        ..JobSpec::default()
-    };
-    let (items, epochs, in_flight) = (spec.items, spec.epochs, 2 * spec.bsz as usize);
-    let (mut job, cache) = start_cached_job(spec);
+/// SIGKILLs worker 1 once the cache holds 8 latents (fewer than `items`), starts a replacement
+/// after the regroup, and waits for the job, the survivor and the replacement to succeed.
+/// Returns the latents cached at the kill.
+fn kill_mid_fill_and_replace(job: &mut Job, cache: &Path, items: usize) -> usize {
     job.wait_until(Duration::from_secs(120), "a partly filled cache", |_| {
-        cache_entries(&cache).len() >= 8
+        cache_entries(cache).len() >= 8
     });
     signal(job.workers[1].id(), "-KILL");
-    let at_kill = cache_entries(&cache).len();
+    let at_kill = cache_entries(cache).len();
+    assert!(
+        at_kill < items,
+        "the fill ended before the kill ({at_kill} latents)"
+    );
     job.wait_until(
         Duration::from_secs(60),
         "the regroup after the kill",
@@ -214,6 +211,21 @@ fn a_fill_with_a_worker_sigkilled_mid_epoch_ends_complete_with_little_encoded_tw
         "the replacement failed\n{}",
         job.logs()
     );
+    at_kill
+}
+
+#[test]
+fn a_fill_with_a_worker_sigkilled_mid_epoch_ends_complete_with_little_encoded_twice() {
+    let _one = one_job_at_a_time();
+    let spec = JobSpec {
+        items: 36,
+        epochs: 2,
+        checkpoint_every: 3,
+        ..JobSpec::default()
+    };
+    let (items, epochs, in_flight) = (spec.items, spec.epochs, 2 * spec.bsz as usize);
+    let (mut job, cache) = start_cached_job(spec);
+    let at_kill = kill_mid_fill_and_replace(&mut job, &cache, items);
     for epoch in 0..epochs {
         job.assert_ledger_exact(epoch, 1, 4);
     }
@@ -271,6 +283,56 @@ fn the_cache_works_on_an_s3_server() {
     server.stop();
 }
 
+#[test]
+fn arbor_cache_fills_ahead_of_training_and_survives_a_killed_worker() {
+    let _one = one_job_at_a_time();
+    let spec = JobSpec {
+        items: 60,
+        epochs: 1,
+        checkpoint_every: 3,
+        mode: "hypernetwork",
+        samples_every: 100,
+        ..JobSpec::default()
+    };
+    let mut job = Job::new(&spec);
+    let cache = job.path().join("cache");
+    with_cache(&job, &cache.display().to_string());
+    job.start_coordinator_command("cache");
+    job.start_worker(0);
+    job.start_worker(1);
+    let at_kill = kill_mid_fill_and_replace(&mut job, &cache, spec.items);
+    // The fill's own run directory; the training one is untouched.
+    assert!(job.run_dir().join("cache-fill/state.json").is_file());
+    assert!(!job.run_dir().join("checkpoints").exists());
+    let entries = cache_entries(&cache);
+    let counts = writes_per_key(&entries);
+    eprintln!("{at_kill} latents at the kill, {} after", counts.len());
+    let twice: usize = counts.values().map(|&count| count - 1).sum();
+    assert!(
+        twice <= 2 * spec.bsz as usize,
+        "{twice} latents encoded twice: {counts:?}\n{}",
+        job.logs()
+    );
+    // The fill's workers loaded no UNet and trained nothing.
+    let fill_log = job.worker_log(0);
+    assert!(fill_log.contains("filling the latent cache"), "{fill_log}");
+    assert!(!fill_log.contains("trainer started"), "{fill_log}");
+
+    // Training then finds its first epoch cached: every item of the epoch is a hit.
+    start(&mut job);
+    job.wait_coordinator_success(JOB_LIMIT);
+    let statuses = job.wait_workers(Duration::from_secs(30));
+    assert!(
+        statuses[3..].iter().all(|status| status.success()),
+        "a training worker failed: {statuses:?}\n{}",
+        job.logs()
+    );
+    let (hits, misses) = cache_totals(&job, 3..5);
+    assert_eq!(misses, 0, "{}", job.logs());
+    assert!(hits >= spec.items as u64 - 4, "{hits} hits\n{}", job.logs());
+    assert_eq!(cache_entries(&cache).len(), entries.len());
+}
+
 /// The cache's pieces on the tiny model: the stored distribution is the fresh encode's (within
 /// f16 rounding), the latent crop against the encoding of the pixel crop (reported, bounded),
 /// the crops replay, and a changed image, bucket or VAE misses exactly where it should.
@@ -282,7 +344,7 @@ mod pieces {
     use arbor_data::latent_batch::{load_latent_batch, LatentBatch, LatentSource};
     use arbor_data::latent_cache::LatentCache;
     use arbor_data::store::DatasetStore;
-    use arbor_worker::train::cached_latents::{item_distributions, vae_digest};
+    use arbor_worker::train::cached_latents::{item_distributions, vae_digest, LatentEncoder};
     use arbor_worker::train::training_model::TrainingModel;
     use tch::{Device, Kind, Tensor};
 
@@ -382,7 +444,8 @@ mod pieces {
             cache: &LatentCache,
             batch: &LatentBatch,
         ) -> Vec<Tensor> {
-            let (distributions, new_entries) = item_distributions(model, batch).unwrap();
+            let (distributions, new_entries) =
+                item_distributions(&LatentEncoder::of_model(model), batch).unwrap();
             self.runtime
                 .block_on(cache.write_pack("test", &new_entries))
                 .unwrap();
@@ -413,7 +476,8 @@ mod pieces {
         let reader = fixture.cache();
         let second = fixture.load(&reader, (64, 64), 0, &digest);
         assert_eq!(cached_count(&second), SIZES.len());
-        let (read_back, new_entries) = item_distributions(&model, &second).unwrap();
+        let (read_back, new_entries) =
+            item_distributions(&LatentEncoder::of_model(&model), &second).unwrap();
         assert!(new_entries.is_empty());
         for (index, item) in first.items.iter().enumerate() {
             let LatentSource::Encode { pixels } = &item.source else {
